@@ -1,0 +1,518 @@
+"""Turn the inert records of an official MACE file into our :class:`~mace_ase.model.mace.MACE` module.
+
+Everything structural is read from the file itself (irreps, e3nn instructions and their path weights, U matrices,
+buffers), so the conversion has no hidden assumptions about widths or orders; constants that e3nn derives at
+construction time (Clebsch-Gordan tables) come from ``e3nn.o3.wigner_3j``. Constant factors (path weights,
+1/sqrt(fan_in)) are folded into the weights here, once, in float64.
+
+Supported (refused with a clear error otherwise): ``ScaleShiftMACE`` and ``MACE`` with
+``RealAgnostic[Density][Residual]InteractionBlock`` layers, Bessel radial basis with polynomial envelope, optional
+Agnesi distance transform, optional ZBL repulsion, natural-parity hidden irreps (l <= 3), correlation <= 3,
+SiLU gates, one or several heads. Not supported: MACE-MH / OMOL non-linear blocks, charge/spin embeddings, cuEq-
+converted files, dipole/polarisability models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mace_ase.io.model_file import FunctionRef, ModelFile, ModelFileError, PickledObject, read_model_file
+from mace_ase.model.mace import (
+    MACE,
+    ConvolutionGroup,
+    EquivariantLinear,
+    Interaction,
+    Product,
+    RadialEmbedding,
+    RadialMLP,
+    Readout,
+    SpeciesLinear,
+    SymmetricContraction,
+    ZBLRepulsion,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UnsupportedModelError", "build_model", "load_model", "export_torchscript", "Irreps"]
+
+Irreps = list  # list of (mul, l, parity) triples
+
+_SUPPORTED_ROOTS = {"mace.modules.models.ScaleShiftMACE", "mace.modules.models.MACE"}
+_INTERACTIONS = {  # class -> (residual, density)
+    "RealAgnosticInteractionBlock": (False, False),
+    "RealAgnosticResidualInteractionBlock": (True, False),
+    "RealAgnosticDensityInteractionBlock": (False, True),
+    "RealAgnosticDensityResidualInteractionBlock": (True, True),
+}
+_SILU = {"torch.nn.functional.silu", "torch._C._nn.silu"}
+
+
+class UnsupportedModelError(ModelFileError):
+    """The file is a MACE model, but of an architecture this package does not implement."""
+
+
+def _unsupported(path: str, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{path!r}: {what} is not supported by mace-ase. Supported: ScaleShiftMACE/MACE with RealAgnostic"
+        "[Density][Residual]InteractionBlock layers (the MACE-MP-0 family, MPA-0, OMAT-0, MATPES-0, MACE-OFF); "
+        "use mace-torch for this model."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Irreps and e3nn constants
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_irreps(value: Any) -> Irreps:
+    """e3nn irreps as stored in a file (tuples ``((mul, (l, p)), ...)`` or a string ``"16x0e+16x1o"``)."""
+    if isinstance(value, str):
+        out = []
+        for term in value.replace(" ", "").split("+"):
+            if not term:
+                continue
+            mul, _, irrep = term.rpartition("x")
+            out.append((int(mul) if mul else 1, int(irrep[:-1]), 1 if irrep[-1] == "e" else -1))
+        return out
+    return [(int(mul), int(ir[0]), int(ir[1])) for mul, ir in value]
+
+
+def component_offsets(irreps: Irreps) -> list[int]:
+    """Start of each irrep slot along the component axis of our ``[N, D, C]`` layout."""
+    offsets, total = [], 0
+    for _, l, _ in irreps:
+        offsets.append(total)
+        total += 2 * l + 1
+    return offsets
+
+
+def _wigner_3j(l1: int, l2: int, l3: int) -> torch.Tensor:
+    from e3nn import o3  # construction-time constant only
+
+    return o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
+
+
+def _single_multiplicity(irreps: Irreps, path: str, where: str) -> int:
+    muls = {mul for mul, _, _ in irreps}
+    if len(muls) != 1:
+        raise _unsupported(path, f"irreps with different multiplicities ({where})")
+    for _, l, p in irreps:
+        if p != (-1) ** l:
+            raise _unsupported(path, f"non-natural parity irreps such as {l}{'e' if p == 1 else 'o'} ({where})")
+    return muls.pop()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# e3nn modules -> our blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def linear_blocks(record: PickledObject) -> dict[tuple[int, int], torch.Tensor]:
+    """``o3.Linear``: ``{(i_in, i_out): W * path_weight}`` with W of shape ``[mul_in, mul_out]``."""
+    weight = record.tensor("weight").to(torch.float64)
+    irreps_in, irreps_out = parse_irreps(record.get("irreps_in")), parse_irreps(record.get("irreps_out"))
+    blocks, offset = {}, 0
+    for instruction in record.get("instructions"):
+        i_in, i_out, path_weight = int(instruction[0]), int(instruction[1]), float(instruction[3])
+        mul_in, mul_out = irreps_in[i_in][0], irreps_out[i_out][0]
+        blocks[(i_in, i_out)] = weight[offset : offset + mul_in * mul_out].view(mul_in, mul_out) * path_weight
+        offset += mul_in * mul_out
+    if offset != weight.numel():
+        raise ModelFileError(f"o3.Linear weight has {weight.numel()} entries, instructions need {offset}")
+    return blocks
+
+
+def build_linear(record: PickledObject, path: str, input_position: Optional[Sequence[int]] = None) -> EquivariantLinear:
+    """An :class:`EquivariantLinear` from an ``o3.Linear`` record.
+
+    ``input_position`` maps a component of the record's input irreps to its position in the tensor we actually
+    feed (used when the tensor-product outputs are grouped differently from e3nn's order).
+    """
+    irreps_in, irreps_out = parse_irreps(record.get("irreps_in")), parse_irreps(record.get("irreps_out"))
+    _single_multiplicity(irreps_in, path, "linear input")
+    _single_multiplicity(irreps_out, path, "linear output")
+    offsets_in = component_offsets(irreps_in)
+    blocks = linear_blocks(record)
+    gathers, weights, dims = [], [], []
+    for i_out, (_, l_out, _) in enumerate(irreps_out):
+        sources = [i_in for (i_in, j) in blocks if j == i_out]
+        if not sources:
+            raise _unsupported(path, "an o3.Linear output without input")
+        dim = 2 * l_out + 1
+        components = [offsets_in[i] + m for i in sources for m in range(dim)]
+        if input_position is not None:
+            components = [input_position[c] for c in components]
+        gathers.append(torch.tensor(components, dtype=torch.long))
+        weights.append(torch.cat([blocks[(i, i_out)] for i in sources], dim=0))
+        dims.append(dim)
+    return EquivariantLinear(gathers, weights, dims)
+
+
+def build_radial_mlp(record: PickledObject) -> RadialMLP:
+    """e3nn ``FullyConnectedNet`` (``layer0``, ``layer1``, ...) with normalised SiLU on hidden layers."""
+    layers = [record.module(name) for name in sorted(record.modules, key=lambda n: int(n.replace("layer", "")))]
+    weights, scale = [], 1.0
+    for layer in layers:
+        if float(layer.get("var_in", 1)) != 1.0 or float(layer.get("var_out", 1)) != 1.0:
+            raise ModelFileError("radial MLP layer with var_in/var_out != 1 is not supported")
+        weights.append(layer.tensor("weight").to(torch.float64))
+        act = layer.modules.get("act")
+        if act is not None:
+            scale = _activation_scale(act)
+    return RadialMLP(weights, scale)
+
+
+def _activation_scale(act: PickledObject) -> float:
+    """SiLU normalised to unit second moment (e3nn normalize2mom): returns its constant ``cst``."""
+    function = act.get("f")
+    if not (isinstance(function, FunctionRef) and function.qualname in _SILU):
+        raise UnsupportedModelError(f"activation {function!r} is not supported (only SiLU)")
+    return float(act.get("cst", 1.0))
+
+
+def build_species_linear(record: PickledObject, path: str) -> SpeciesLinear:
+    """``o3.FullyConnectedTensorProduct(x, one-hot element)`` -> per-element matrices for each l."""
+    irreps_in1, irreps_in2 = parse_irreps(record.get("irreps_in1")), parse_irreps(record.get("irreps_in2"))
+    irreps_out = parse_irreps(record.get("irreps_out"))
+    if len(irreps_in2) != 1 or irreps_in2[0][1] != 0:
+        raise _unsupported(path, "a skip connection that is not indexed by a one-hot element vector")
+    n_elements = irreps_in2[0][0]
+    offsets_in = component_offsets(irreps_in1)
+    weight = record.tensor("weight").to(torch.float64)
+    path_of_output, matrices, offset = {}, [], 0
+    for instruction in record.get("instructions"):
+        i1, _, i_out, mode, _, path_weight = instruction[:6]
+        if mode != "uvw":
+            raise _unsupported(path, f"skip tensor product mode {mode!r}")
+        mul1, mul_out, l = irreps_in1[i1][0], irreps_out[i_out][0], irreps_in1[i1][1]
+        size = mul1 * n_elements * mul_out
+        block = weight[offset : offset + size].view(mul1, n_elements, mul_out)
+        offset += size
+        # C^{l 0 l} = identity / sqrt(2l+1): fold the diagonal value with the path weight
+        cg = _wigner_3j(l, 0, l)[:, 0, :]
+        if not torch.allclose(cg, cg[0, 0] * torch.eye(2 * l + 1, dtype=torch.float64)):
+            raise ModelFileError("unexpected Clebsch-Gordan table for a scalar product")
+        path_of_output[int(i_out)] = (offsets_in[i1], len(matrices))
+        matrices.append(block.permute(1, 0, 2) * float(path_weight) * float(cg[0, 0]))  # [n_el, C_in, C_out]
+    if offset != weight.numel():
+        raise ModelFileError(f"skip_tp weight has {weight.numel()} entries, instructions need {offset}")
+    out_slots = []
+    for i_out, (_, l, _) in enumerate(irreps_out):
+        start, index = path_of_output.get(i_out, (0, -1))
+        out_slots.append((start, 2 * l + 1, index))
+    return SpeciesLinear(out_slots, torch.stack(matrices))
+
+
+def build_convolution(record: PickledObject, path: str) -> tuple[list[ConvolutionGroup], list[int], int]:
+    """The 'uvu' tensor product of sender features with Y(r_ij), grouped by input irrep.
+
+    Returns the groups, the position of every e3nn output component in our concatenated message tensor, and the
+    message width.
+    """
+    irreps_in1, irreps_in2 = parse_irreps(record.get("irreps_in1")), parse_irreps(record.get("irreps_in2"))
+    irreps_out = parse_irreps(record.get("irreps_out"))
+    offsets_in1, offsets_in2, offsets_out = (component_offsets(x) for x in (irreps_in1, irreps_in2, irreps_out))
+    n_sh = sum(2 * l + 1 for _, l, _ in irreps_in2)
+    instructions = list(record.get("instructions"))
+    if sorted(int(ins[2]) for ins in instructions) != list(range(len(irreps_out))):
+        raise _unsupported(path, "a tensor product whose outputs do not each come from exactly one path")
+    groups, position, cursor = [], [0] * sum(2 * l + 1 for _, l, _ in irreps_out), 0
+    for i1, (_, l1, _) in enumerate(irreps_in1):
+        mine = [(index, ins) for index, ins in enumerate(instructions) if int(ins[0]) == i1]
+        if not mine:
+            continue
+        blocks, path_of_output = [], []
+        for index, ins in mine:
+            _, i2, i_out, mode, has_weight, path_weight = ins[:6]
+            if mode != "uvu" or not has_weight:
+                raise _unsupported(path, f"tensor product mode {mode!r}")
+            l2, l3 = irreps_in2[i2][1], irreps_out[i_out][1]
+            block = torch.zeros(n_sh, 2 * l1 + 1, 2 * l3 + 1, dtype=torch.float64)
+            block[offsets_in2[i2] : offsets_in2[i2] + 2 * l2 + 1] = (
+                _wigner_3j(l1, l2, l3).permute(1, 0, 2) * float(path_weight)
+            )
+            blocks.append(block)
+            path_of_output += [index] * (2 * l3 + 1)
+            for m in range(2 * l3 + 1):
+                position[offsets_out[i_out] + m] = cursor
+                cursor += 1
+        groups.append(
+            ConvolutionGroup(offsets_in1[i1], 2 * l1 + 1, torch.cat(blocks, dim=2), torch.tensor(path_of_output))
+        )
+    return groups, position, cursor
+
+
+def build_interaction(record: PickledObject, path: str, apply_cutoff: bool) -> Interaction:
+    residual, density = _INTERACTIONS[record.short_class_name]
+    groups, position, message_dim = build_convolution(record.module("conv_tp"), path)
+    density_weight = None
+    if density:
+        density_weight = record.module("density_fn").module("layer0").tensor("weight").to(torch.float64)
+    return Interaction(
+        linear_up=build_linear(record.module("linear_up"), path),
+        radial_mlp=build_radial_mlp(record.module("conv_tp_weights")),
+        groups=groups,
+        linear=build_linear(record.module("linear"), path, input_position=position),
+        skip=build_species_linear(record.module("skip_tp"), path),
+        residual=residual,
+        density_weight=density_weight,
+        avg_num_neighbors=float(record.get("avg_num_neighbors", 1.0)),
+        apply_cutoff=apply_cutoff,
+        message_dim=message_dim,
+    )
+
+
+def build_symmetric_contraction(record: PickledObject, out_l: int) -> SymmetricContraction:
+    """Reduce the file's U_nu tensors to coefficients over distinct monomials of A (see SymmetricContraction)."""
+    correlation = int(record.get("correlation"))
+    if correlation > 3:
+        raise UnsupportedModelError(f"correlation order {correlation} > 3 is not supported")
+    # weights_max is nu = correlation; the list `weights` holds nu = correlation-1, ..., 1 (descending)
+    listed = record.module("weights")
+    weight_by_nu = {correlation: record.tensor("weights_max")}
+    for index in range(correlation - 1):
+        weight_by_nu[correlation - 1 - index] = listed.tensor(str(index))
+    # The `weights_*_zeroed` flags only matter when mace builds a model (they make zero EmptyParams); its forward
+    # uses the weights as stored, and so do we.
+
+    out_dim = 2 * out_l + 1
+    terms: dict[tuple[int, ...], dict[tuple[int, int], float]] = {}  # monomial -> {(m, k_global): coefficient}
+    weight_blocks, k_offset, n_components = [], 0, None
+    for nu in range(1, correlation + 1):
+        u = record.tensor(f"U_matrix_{nu}").to(torch.float64).numpy()
+        if out_l == 0:
+            u = u[None]
+        n_components = u.shape[1]
+        k_nu = u.shape[-1]
+        weight = weight_by_nu[nu].to(torch.float64)
+        if weight.numel() == 0 or not np.any(u):
+            continue
+        for index in zip(*np.nonzero(u)):
+            m, a, k = int(index[0]), tuple(sorted(int(i) for i in index[1:-1])), int(index[-1])
+            entry = terms.setdefault(a, {})
+            entry[(m, k_offset + k)] = entry.get((m, k_offset + k), 0.0) + float(u[index])
+        weight_blocks.append(weight)
+        k_offset += k_nu
+
+    singles = sorted(a for a in terms if len(a) == 1)
+    triples = sorted(a for a in terms if len(a) == 3)
+    pairs = sorted({a for a in terms if len(a) == 2} | {a[:2] for a in triples})
+    monomials = singles + pairs + triples
+    coefficients = torch.zeros(len(monomials), out_dim, k_offset, dtype=torch.float64)
+    for q, a in enumerate(monomials):
+        for (m, k), value in terms.get(a, {}).items():
+            coefficients[q, m, k] = value
+    pair_index = {a: i for i, a in enumerate(pairs)}
+    as_long = lambda values: torch.tensor(values, dtype=torch.long).reshape(-1)  # noqa: E731
+    return SymmetricContraction(
+        singles=as_long([a[0] for a in singles]),
+        pairs=torch.tensor([[a[0] for a in pairs], [a[1] for a in pairs]], dtype=torch.long).reshape(2, -1),
+        triples_pair=as_long([pair_index[a[:2]] for a in triples]),
+        triples_single=as_long([a[2] for a in triples]),
+        coefficients=coefficients.reshape(-1, k_offset),
+        weights=torch.cat(weight_blocks, dim=1),
+        out_dim=out_dim,
+    )
+
+
+def build_product(record: PickledObject, path: str) -> Product:
+    if record.get("use_agnostic_product", False):
+        raise _unsupported(path, "the element-agnostic product basis (use_agnostic_product)")
+    contractions_record = record.module("symmetric_contractions")
+    if "weight" in contractions_record.parameters:
+        raise _unsupported(path, "a cuEquivariance-converted symmetric contraction")
+    irreps_out = parse_irreps(contractions_record.get("irreps_out"))
+    contractions = [
+        build_symmetric_contraction(contractions_record.module(f"contractions.{k}"), l)
+        for k, (_, l, _) in enumerate(irreps_out)
+    ]
+    return Product(contractions, build_linear(record.module("linear"), path), bool(record.get("use_sc", True)))
+
+
+def build_readout(record: PickledObject, path: str, num_heads: int) -> Readout:
+    name = record.short_class_name
+    if name == "LinearReadoutBlock":
+        return Readout(_scalar_weight(record.module("linear"), path), None, 1.0, num_heads)
+    if name == "NonLinearReadoutBlock":
+        acts = record.module("non_linearity").module("acts")
+        if len(acts.modules) != 1:
+            raise _unsupported(path, "a readout with several activation blocks")
+        scale = _activation_scale(acts.module("0"))
+        return Readout(
+            _scalar_weight(record.module("linear_1"), path),
+            _scalar_weight(record.module("linear_2"), path),
+            scale,
+            int(record.get("num_heads", 1)),  # old files lack num_heads: no masking, as in mace
+        )
+    raise _unsupported(path, f"readout block {name}")
+
+
+def _scalar_weight(record: PickledObject, path: str) -> torch.Tensor:
+    """The 0e -> 0e matrix of an o3.Linear whose output is scalars only."""
+    irreps_in = parse_irreps(record.get("irreps_in"))
+    blocks = linear_blocks(record)
+    if irreps_in[0][1] != 0 or set(blocks) != {(0, 0)}:
+        raise _unsupported(path, "a readout reading non-scalar features")
+    return blocks[(0, 0)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_supported(root: PickledObject, path: str) -> None:
+    if root.class_name not in _SUPPORTED_ROOTS:
+        raise _unsupported(path, f"model class {root.class_name}")
+    for name, module in root.named_modules():
+        cls = module.short_class_name
+        if name.startswith("interactions.") and name.count(".") == 1 and cls not in _INTERACTIONS:
+            raise _unsupported(path, f"interaction block {cls}")
+    for attribute in ("embedding_specs",):
+        if root.get(attribute):
+            raise _unsupported(path, f"{attribute} (charge/spin embeddings, as in MACE-OMOL)")
+    for flag in ("use_so3", "use_agnostic_product", "lammps_mliap"):
+        if root.get(flag, False):
+            raise _unsupported(path, f"the option {flag}=True")
+    if "joint_embedding" in root.modules or "embedding_readout" in root.modules:
+        raise _unsupported(path, "charge/spin embeddings (as in MACE-OMOL)")
+    cueq = [m for _, m in root.named_modules() if isinstance(m.get("cueq_config"), PickledObject)
+            and m.get("cueq_config").get("enabled", False)]
+    if cueq:
+        raise _unsupported(path, "a cuEquivariance-converted model (convert it back with mace's convert_cueq_e3nn)")
+
+
+def build_model(model_file: ModelFile) -> MACE:
+    """Build a float64 :class:`MACE` from a read model file (see :func:`load_model`)."""
+    root, path = model_file.root, model_file.path
+    _check_supported(root, path)
+    heads = list(root.get("heads") or ["Default"])
+    num_heads = len(heads)
+    apply_cutoff = bool(root.get("apply_cutoff", True))
+
+    atomic_numbers = root.tensor("atomic_numbers").to(torch.long)
+    n_elements = int(atomic_numbers.numel())
+    r_max = float(root.tensor("r_max"))
+
+    embedding_blocks = linear_blocks(root.module("node_embedding.linear"))
+    embedding = embedding_blocks[(0, 0)]  # [n_el, C]
+
+    radial_record = root.module("radial_embedding")
+    bessel = radial_record.module("bessel_fn")
+    if bessel.short_class_name != "BesselBasis":
+        raise _unsupported(path, f"radial basis {bessel.short_class_name}")
+    cutoff = radial_record.module("cutoff_fn")
+    agnesi, covalent_radii = None, None
+    if "distance_transform" in radial_record.modules:
+        transform = radial_record.module("distance_transform")
+        if transform.short_class_name != "AgnesiTransform":
+            raise _unsupported(path, f"distance transform {transform.short_class_name}")
+        agnesi = torch.stack([transform.tensor(n).to(torch.float64).reshape(()) for n in ("q", "p", "a")])
+        covalent_radii = transform.tensor("covalent_radii").to(torch.float64)
+    radial = RadialEmbedding(
+        r_max=r_max,
+        bessel_weights=bessel.tensor("bessel_weights").to(torch.float64),
+        prefactor=bessel.tensor("prefactor").to(torch.float64),
+        p=int(cutoff.tensor("p").item()),
+        apply_cutoff=bool(radial_record.get("apply_cutoff", apply_cutoff)),
+        agnesi=agnesi,
+        covalent_radii=covalent_radii,
+    )
+
+    sh_irreps = parse_irreps(root.module("spherical_harmonics").get("irreps_out"))
+    max_ell = max(l for _, l, _ in sh_irreps)
+    if [l for _, l, _ in sh_irreps] != list(range(max_ell + 1)) or max_ell > 3:
+        raise _unsupported(path, f"spherical harmonics {sh_irreps}")
+
+    interactions_record = root.module("interactions")
+    n_layers = len(interactions_record.modules)
+    interactions = [build_interaction(interactions_record.module(str(t)), path, apply_cutoff) for t in range(n_layers)]
+    products = [build_product(root.module(f"products.{t}"), path) for t in range(n_layers)]
+    readout_records = root.module("readouts")
+    n_readouts = len(readout_records.modules)
+    readouts = [build_readout(readout_records.module(str(i)), path, num_heads) for i in range(n_readouts)]
+    readout_layers = [n_layers - 1] if n_readouts == 1 else list(range(n_readouts))
+
+    e0 = root.module("atomic_energies_fn").tensor("atomic_energies").to(torch.float64)
+    e0 = e0.reshape(1, n_elements).expand(num_heads, n_elements) if e0.dim() == 1 else e0
+    if "scale_shift" in root.modules:
+        scale_shift = root.module("scale_shift")
+        scale = scale_shift.tensor("scale").to(torch.float64).reshape(-1).expand(num_heads)
+        shift = scale_shift.tensor("shift").to(torch.float64).reshape(-1).expand(num_heads)
+    else:  # plain MACE: no scale and shift
+        scale = torch.ones(num_heads, dtype=torch.float64)
+        shift = torch.zeros(num_heads, dtype=torch.float64)
+
+    zbl = None
+    if "pair_repulsion_fn" in root.modules:
+        pair = root.module("pair_repulsion_fn")
+        zbl = ZBLRepulsion(
+            c=pair.tensor("c").to(torch.float64),
+            p=int(pair.tensor("p").item()),
+            covalent_radii=pair.tensor("covalent_radii").to(torch.float64),
+            a_exp=pair.tensor("a_exp").to(torch.float64),
+            a_prefactor=pair.tensor("a_prefactor").to(torch.float64),
+        )
+
+    model = MACE(
+        atomic_numbers=atomic_numbers,
+        r_max=r_max,
+        max_ell=max_ell,
+        heads=heads,
+        embedding=embedding,
+        atomic_energies=e0.contiguous(),
+        scale=scale.contiguous(),
+        shift=shift.contiguous(),
+        radial=radial,
+        interactions=interactions,
+        products=products,
+        readouts=readouts,
+        readout_layers=readout_layers,
+        zbl=zbl,
+    )
+    return model.eval()
+
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]  # type: ignore[index]
+    raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: str | torch.dtype = "float64") -> MACE:
+    """Read an official MACE ``.model`` file (safely) and return the :class:`MACE` module.
+
+    Args:
+        path: the model file (as written by mace-torch).
+        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``); ``None`` picks CUDA when available.
+        dtype: ``"float64"`` (the files' own precision) or ``"float32"`` (weights are rounded from float64, as
+            mace-torch's ``default_dtype="float32"`` does).
+
+    Raises:
+        ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(read_model_file(path))
+    return model.to(device=torch.device(device), dtype=resolve_dtype(dtype))
+
+
+def export_torchscript(model: MACE, path: str | os.PathLike) -> None:
+    """Compile ``model`` with TorchScript and save it; ``torch.jit.load(path)`` then needs only torch.
+
+    The scripted module has the same ``forward`` as :class:`MACE` and keeps ``atomic_numbers``, ``r_max`` and
+    ``heads`` as attributes.
+    """
+    scripted = torch.jit.script(model)
+    torch.jit.save(scripted, os.fspath(path))

@@ -1,0 +1,569 @@
+r"""The MACE forward pass, in plain torch (TorchScript-able, CPU and CUDA, float32 and float64).
+
+MACE (Batatia et al., NeurIPS 2022, arXiv:2206.07697) writes the energy as a sum of atomic terms,
+
+.. math::  E = \sum_i E^{0}_{Z_i} + \sum_i \big[\, s\,(V^{\rm ZBL}_i + \sum_t \mathcal{R}_t(h^{(t)}_i)) + \mu \,\big]
+
+where the node features :math:`h^{(t)}_i` come from ``T`` message-passing layers. One layer (paper section 3):
+
+1. **embedding** (layer 0 only): :math:`h^{(0)}_i = W_{Z_i}` -- a per-element vector of C scalar channels;
+2. **radial basis**: :math:`R_n(r_{ij}) = \sqrt{2/r_{\max}}\,\sin(n\pi \tilde r/r_{\max})/\tilde r \cdot f_{\rm cut}(r)`
+   (``\tilde r`` is the Agnesi transform of r where the model uses one), fed to a radial MLP giving per-edge,
+   per-path, per-channel weights :math:`R^{(t)}_{k c}(r_{ij})`;
+3. **interaction** (eq. 8-9): :math:`A_{i,c,l_3m_3} = \frac{1}{\rm norm}\sum_{j} \sum_k R_{kc}(r_{ij})
+   \sum_{m_1 m_2} C^{l_3 m_3}_{l_1 m_1 l_2 m_2} Y_{l_2 m_2}(\hat r_{ij})\, \bar h_{j,c,l_1 m_1}`, then a linear map;
+   ``norm`` is the average neighbour count, or ``1 + \rho_i`` (a learnt local density) in "Density" blocks;
+4. **product** (eq. 10-11): the symmetric contraction
+   :math:`B_{i,c,LM} = \sum_{\nu\le 3}\sum_{a_1..a_\nu}\sum_k W^{(\nu)}_{Z_i k c}\, U^{(\nu)}_{LM,a_1..a_\nu,k}
+   \prod_\xi A_{i,c,a_\xi}`, a linear map, plus a per-element self-connection (residual) term;
+5. **readout**: linear in the scalars for inner layers, a small MLP for the last one.
+
+Forces and stress are derivatives of E. We differentiate with respect to the edge vectors
+:math:`\mathbf r_e = \mathbf x_{\rm receiver} - \mathbf x_{\rm sender} + \mathbf S_e \cdot \mathrm{cell}` and assemble
+:math:`\mathbf F_i = \sum_{e:\,{\rm sender}=i} \partial E/\partial \mathbf r_e - \sum_{e:\,{\rm receiver}=i}
+\partial E/\partial \mathbf r_e` and :math:`\sigma = \frac{1}{V}\,{\rm sym}\sum_e \mathbf r_e \otimes \partial E/\partial
+\mathbf r_e` (equal to mace's symmetric-strain derivative).
+
+Units: Å in, eV out; forces eV/Å, stress eV/Å³ (ASE sign: positive is tensile).
+
+Shapes: N atoms, E edges, C channels, D = sum of (2l+1) over the irreps of a feature tensor.
+Equivariant features are stored as ``[N, D, C]`` ("irrep-major, channel-last"): every linear map is then a plain
+matmul over the last axis. The irreps of every tensor have natural parity (0e, 1o, 2e, 3o) and one multiplicity.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------------------------
+# Small building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def polynomial_envelope(r: Tensor, r_max: Tensor, p: int) -> Tensor:
+    """Smooth cutoff 1 - (p+1)(p+2)/2 u^p + p(p+2) u^(p+1) - p(p+1)/2 u^(p+2), u = r/r_max, zero beyond r_max.
+
+    >>> float(polynomial_envelope(torch.tensor(0.0), torch.tensor(5.0), 5))
+    1.0
+    """
+    u = r / r_max
+    envelope = (
+        1.0
+        - (p + 1.0) * (p + 2.0) / 2.0 * torch.pow(u, p)
+        + p * (p + 2.0) * torch.pow(u, p + 1)
+        - p * (p + 1.0) / 2.0 * torch.pow(u, p + 2)
+    )
+    return envelope * (r < r_max)
+
+
+def spherical_harmonics(unit: Tensor, max_ell: int) -> Tensor:
+    """Real spherical harmonics Y_lm, l = 0..max_ell (<= 3), e3nn's basis and 'component' normalisation.
+
+    ``unit`` holds unit vectors (x, y, z), shape ``[E, 3]``; returns ``[E, (max_ell+1)^2]`` with sum_m Y_lm^2 = 2l+1.
+    The polar axis of this basis is y (e3nn convention), so Y_1 = sqrt(3) (x, y, z).
+    """
+    x, y, z = unit[:, 0], unit[:, 1], unit[:, 2]
+    parts = [torch.ones_like(x)]
+    if max_ell >= 1:
+        parts += [x * 3.0**0.5, y * 3.0**0.5, z * 3.0**0.5]
+    if max_ell >= 2:
+        s20 = 3.0**0.5 * x * z
+        s24 = 3.0**0.5 / 2.0 * (z * z - x * x)
+        l2 = [s20, 3.0**0.5 * x * y, y * y - 0.5 * (x * x + z * z), 3.0**0.5 * y * z, s24]
+        parts += [v * 5.0**0.5 for v in l2]
+        if max_ell >= 3:
+            l3 = [
+                (5.0 / 6.0) ** 0.5 * (s20 * z + s24 * x),
+                5.0**0.5 * s20 * y,
+                (3.0 / 8.0) ** 0.5 * (4.0 * y * y - x * x - z * z) * x,
+                0.5 * y * (2.0 * y * y - 3.0 * (x * x + z * z)),
+                (3.0 / 8.0) ** 0.5 * z * (4.0 * y * y - x * x - z * z),
+                5.0**0.5 * s24 * y,
+                (5.0 / 6.0) ** 0.5 * (s24 * z - s20 * x),
+            ]
+            parts += [v * 7.0**0.5 for v in l3]
+    return torch.stack(parts, dim=-1)
+
+
+class RadialMLP(nn.Module):
+    """e3nn-style fully connected net without biases: x <- act(x @ W / sqrt(fan_in)) on hidden layers.
+
+    ``act`` is SiLU times the constant that normalises its second moment (read from the model file).
+    """
+
+    def __init__(self, weights: List[Tensor], activation_scale: float) -> None:
+        super().__init__()
+        # Pre-divide each weight by sqrt(fan_in): a constant fold, not a change of the maths.
+        self.weights = nn.ParameterList([nn.Parameter(w / w.shape[0] ** 0.5, requires_grad=False) for w in weights])
+        self.activation_scale = activation_scale
+        self.num_layers = len(weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, weight in enumerate(self.weights):
+            x = x @ weight
+            if index < self.num_layers - 1:
+                x = torch.nn.functional.silu(x) * self.activation_scale
+        return x
+
+
+class EquivariantLinear(nn.Module):
+    """e3nn ``o3.Linear`` on ``[N, D_in, C_in]`` features: mixes channels within each irrep, never across l.
+
+    Output irrep slot o gets sum over input slots s of the same irrep of ``x[:, comps(s), :] @ W_so``.
+    ``gather`` lists, per output slot, the input components of all its input slots (slot-major); ``weight`` of that
+    output slot is the stacked ``[n_in_slots * C_in, C_out]`` matrix with e3nn's path weights folded in.
+    """
+
+    def __init__(self, gathers: List[Tensor], weights: List[Tensor], out_dims: List[int]) -> None:
+        super().__init__()
+        self.register_buffer("gather", torch.cat(gathers))  # all output slots' input components, concatenated
+        self.gather_starts = [int(sum(g.shape[0] for g in gathers[:i])) for i in range(len(gathers))]
+        self.gather_lengths = [int(g.shape[0]) for g in gathers]
+        self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
+        self.out_dims = out_dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        channels_in = x.shape[2]
+        outputs: List[Tensor] = []
+        for index, weight in enumerate(self.weights):
+            dim = self.out_dims[index]
+            gather = self.gather.narrow(0, self.gather_starts[index], self.gather_lengths[index])
+            slots = self.gather_lengths[index] // dim
+            # [N, slots*dim, C_in] -> [N, dim, slots*C_in] so that one matmul does all input slots
+            selected = x.index_select(1, gather).view(n, slots, dim, channels_in)
+            selected = selected.transpose(1, 2).reshape(n, dim, slots * channels_in)
+            outputs.append(selected @ weight)
+        return torch.cat(outputs, dim=1)
+
+
+class SpeciesLinear(nn.Module):
+    """Per-element linear map (e3nn FullyConnectedTensorProduct with a one-hot element vector as second input).
+
+    For each output irrep slot: ``out[i, comps_out, :] = x[i, comps_in, :] @ W[path, Z_i]`` when an input slot of the
+    same irrep exists, else zero. Nodes come sorted by element, so each element's matrices act on one contiguous slice
+    (no per-node gather of ``[C, C]`` weights).
+    """
+
+    def __init__(self, out_slots: List[Tuple[int, int, int]], weight: Tensor) -> None:
+        super().__init__()
+        self.out_slots = out_slots  # per output slot: (input start component, 2l+1, path index or -1)
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [n_paths, n_elements, C_in, C_out]
+
+    def forward(self, x: Tensor, species_counts: List[int]) -> Tensor:
+        channels_out = self.weight.shape[3]
+        pieces: List[Tensor] = []
+        start = 0
+        for element, count in enumerate(species_counts):
+            if count == 0:
+                continue
+            block = x.narrow(0, start, count)
+            slots: List[Tensor] = []
+            for in_start, dim, path in self.out_slots:
+                if path < 0:
+                    slots.append(block.new_zeros(count, dim, channels_out))
+                else:
+                    slots.append(block.narrow(1, in_start, dim) @ self.weight[path, element])
+            pieces.append(torch.cat(slots, dim=1))
+            start += count
+        return torch.cat(pieces, dim=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1-2. Radial basis (and the Agnesi transform), ZBL
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RadialEmbedding(nn.Module):
+    """Bessel basis on r (or on the Agnesi-transformed r) times the polynomial envelope of the raw r.
+
+    Returns ``(features [E, n_basis], envelope [E, 1])``; with ``apply_cutoff`` the envelope is already folded into
+    the features (all MP/OFF models) and the interaction blocks do not use it again.
+    """
+
+    def __init__(self, r_max: float, bessel_weights: Tensor, prefactor: Tensor, p: int, apply_cutoff: bool,
+                 agnesi: Optional[Tensor], covalent_radii: Optional[Tensor]) -> None:
+        super().__init__()
+        self.register_buffer("r_max", torch.tensor(r_max, dtype=bessel_weights.dtype))
+        self.register_buffer("bessel_weights", bessel_weights)
+        self.register_buffer("prefactor", prefactor)
+        self.p = p
+        self.apply_cutoff = apply_cutoff
+        self.use_agnesi = agnesi is not None
+        # Agnesi parameters (q, p, a) and the covalent radii table (Å, indexed by Z)
+        self.register_buffer("agnesi", agnesi if agnesi is not None else torch.zeros(3, dtype=bessel_weights.dtype))
+        self.register_buffer(
+            "covalent_radii", covalent_radii if covalent_radii is not None else torch.zeros(1, dtype=bessel_weights.dtype)
+        )
+
+    def forward(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tuple[Tensor, Tensor]:
+        envelope = polynomial_envelope(lengths, self.r_max, self.p)
+        r = lengths
+        if self.use_agnesi:
+            # r~ = 1 / (1 + a x^q / (1 + x^(q-p))), x = r / r0, r0 the mean covalent radius of the pair
+            r0 = 0.5 * (self.covalent_radii[z_sender] + self.covalent_radii[z_receiver]).unsqueeze(-1)
+            x = lengths / r0
+            q, p, a = self.agnesi[0], self.agnesi[1], self.agnesi[2]
+            r = 1.0 / (1.0 + a * torch.pow(x, q) / (1.0 + torch.pow(x, q - p)))
+        features = self.prefactor * torch.sin(self.bessel_weights * r) / r
+        if self.apply_cutoff:
+            features = features * envelope
+        return features, envelope
+
+
+class ZBLRepulsion(nn.Module):
+    """Ziegler-Biersack-Littmark screened nuclear repulsion, per receiver atom (eV).
+
+    V(r) = 14.3996 Z_u Z_v / r * sum_k c_k exp(-d_k r / a), a = 0.4543 * 0.529 / (Z_u^0.3 + Z_v^0.3) Å, smoothly cut
+    at the sum of covalent radii with the polynomial envelope; half of each edge's energy goes to its receiver.
+    """
+
+    def __init__(self, c: Tensor, p: int, covalent_radii: Tensor, a_exp: Tensor, a_prefactor: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("c", c)
+        self.register_buffer("covalent_radii", covalent_radii)
+        self.register_buffer("a_exp", a_exp)
+        self.register_buffer("a_prefactor", a_prefactor)
+        self.p = p
+
+    def forward(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, receiver: Tensor, n_nodes: int) -> Tensor:
+        z_u = z_sender.unsqueeze(-1)
+        z_v = z_receiver.unsqueeze(-1)
+        a = self.a_prefactor * 0.529 / (torch.pow(z_u, self.a_exp) + torch.pow(z_v, self.a_exp))
+        r_over_a = lengths / a
+        phi = (
+            self.c[0] * torch.exp(-3.2 * r_over_a)
+            + self.c[1] * torch.exp(-0.9423 * r_over_a)
+            + self.c[2] * torch.exp(-0.4028 * r_over_a)
+            + self.c[3] * torch.exp(-0.2016 * r_over_a)
+        )
+        v_edges = (14.3996 * z_u * z_v) / lengths * phi
+        r_max = (self.covalent_radii[z_sender] + self.covalent_radii[z_receiver]).unsqueeze(-1)
+        v_edges = 0.5 * v_edges * polynomial_envelope(lengths, r_max, self.p)
+        energy = torch.zeros(n_nodes, 1, dtype=lengths.dtype, device=lengths.device)
+        return energy.index_add(0, receiver, v_edges).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Interaction: A_i = linear( sum_j R(r_ij) * (Y(r_ij) (x) h_j) ) / norm
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ConvolutionGroup(nn.Module):
+    """All tensor-product paths that read one input irrep l1 of the sender features.
+
+    ``coupling[m2, m1, o]`` folds Clebsch-Gordan coefficients, e3nn's path weights and the output component o of
+    every path (l1 x l2 -> l3) into one table, so that ``Y @ coupling`` gives a per-edge ``[2l1+1, n_out]`` matrix;
+    ``path_of_output[o]`` says which radial-MLP weight row scales output component o.
+    """
+
+    def __init__(self, in_start: int, in_dim: int, coupling: Tensor, path_of_output: Tensor) -> None:
+        super().__init__()
+        self.in_start = in_start
+        self.in_dim = in_dim
+        self.register_buffer("coupling", coupling.reshape(coupling.shape[0], -1))  # [n_sh, in_dim * n_out]
+        self.register_buffer("path_of_output", path_of_output)
+        self.n_out = int(path_of_output.shape[0])
+
+    def forward(self, sender_feats: Tensor, sh: Tensor, path_weights: Tensor) -> Tensor:
+        x = sender_feats.narrow(1, self.in_start, self.in_dim)  # [E, in_dim, C]
+        coupled = (sh @ self.coupling).view(-1, self.in_dim, self.n_out)  # [E, in_dim, n_out]
+        if self.in_dim == 1:
+            messages = coupled.transpose(1, 2) * x  # [E, n_out, C]
+        else:
+            messages = torch.bmm(coupled.transpose(1, 2), x)
+        return messages * path_weights.index_select(1, self.path_of_output)  # [E, n_out, C]
+
+
+class Interaction(nn.Module):
+    """One MACE interaction block (mace's RealAgnostic[Density][Residual]InteractionBlock).
+
+    * ``residual``: the self-connection ``sc = SpeciesLinear(h)`` is computed from the input features and added after
+      the product; otherwise the message itself goes through a per-element linear map (``species_mix``).
+    * ``density``: divide by ``1 + rho_i`` with ``rho_i = sum_j tanh((R(r_ij) . w)^2)`` instead of the average
+      number of neighbours.
+    """
+
+    def __init__(self, linear_up: EquivariantLinear, radial_mlp: RadialMLP, groups: List[ConvolutionGroup],
+                 linear: EquivariantLinear, skip: SpeciesLinear, residual: bool, density_weight: Optional[Tensor],
+                 avg_num_neighbors: float, apply_cutoff: bool, message_dim: int) -> None:
+        super().__init__()
+        self.linear_up = linear_up
+        self.radial_mlp = radial_mlp
+        self.groups = nn.ModuleList(groups)
+        self.linear = linear
+        self.skip = skip
+        self.residual = residual
+        self.use_density = density_weight is not None
+        w = density_weight if density_weight is not None else torch.zeros(1, 1)
+        self.register_buffer("density_weight", w / w.shape[0] ** 0.5)
+        self.avg_num_neighbors = avg_num_neighbors
+        self.apply_cutoff = apply_cutoff
+        self.message_dim = message_dim
+
+    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor, receiver: Tensor,
+                species_counts: List[int]) -> Tuple[Tensor, Optional[Tensor]]:
+        n_nodes = h.shape[0]
+        sc: Optional[Tensor] = None
+        if self.residual:
+            sc = self.skip(h, species_counts)
+        h_up = self.linear_up(h)
+        path_weights = self.radial_mlp(edge_feats)  # [E, n_paths * C]
+        channels = h_up.shape[2]
+        path_weights = path_weights.view(path_weights.shape[0], path_weights.shape[1] // channels, channels)
+        if not self.apply_cutoff:
+            path_weights = path_weights * envelope.unsqueeze(-1)
+        sender_feats = h_up.index_select(0, sender)
+        pieces: List[Tensor] = []
+        for group in self.groups:
+            pieces.append(group(sender_feats, sh, path_weights))
+        edge_messages = torch.cat(pieces, dim=1)  # [E, message_dim, C]
+        summed = torch.zeros(n_nodes, self.message_dim, h_up.shape[2], dtype=h.dtype, device=h.device)
+        summed = summed.index_add(0, receiver, edge_messages)
+        message = self.linear(summed)  # [N, 16, C]
+        if self.use_density:
+            edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [E, 1]
+            if not self.apply_cutoff:
+                edge_density = edge_density * envelope
+            density = torch.zeros(n_nodes, 1, dtype=h.dtype, device=h.device).index_add(0, receiver, edge_density)
+            message = message / (density + 1.0).unsqueeze(-1)
+        else:
+            message = message / self.avg_num_neighbors
+        if not self.residual:
+            message = self.skip(message, species_counts)
+        return message, sc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Product: the symmetric contraction B = sum_nu W_Z . U_nu . A^(x nu), then a linear map and the residual
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SymmetricContraction(nn.Module):
+    """Correlation-order-3 product basis of one output irrep L, without ever forming the dense U tensors.
+
+    The file's U_nu[m, a_1..a_nu, k] are 99.5 % zeros and symmetric in the a's. At construction they are reduced to
+    ``coefficients[q, m, k]`` over the distinct monomials q = A_a (nu=1), A_a A_b (a<=b), A_a A_b A_c (a<=b<=c) that
+    occur; the element's weights are folded in per forward call (``coefficients @ W_Z``, a few MFLOP), and the
+    per-node work is one batched matmul over channels: ``B[c, i, m] = sum_q P[c, i, q] V_Z[c, q, m]``.
+    """
+
+    def __init__(self, singles: Tensor, pairs: Tensor, triples_pair: Tensor, triples_single: Tensor,
+                 coefficients: Tensor, weights: Tensor, out_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("singles", singles)  # [Q1] component a of each degree-1 monomial
+        self.register_buffer("pairs", pairs)  # [2, Qp] components (a, b) of every needed degree-2 product
+        self.register_buffer("triples_pair", triples_pair)  # [Q3] which pair (a, b) starts the triple
+        self.register_buffer("triples_single", triples_single)  # [Q3] its third component c
+        self.n_pair_monomials = int(pairs.shape[1])
+        self.register_buffer("coefficients", coefficients)  # [Q, M*K] with Q = Q1 + Qp + Q3
+        self.weights = nn.Parameter(weights, requires_grad=False)  # [n_elements, K, C] (all nu concatenated)
+        self.out_dim = out_dim
+
+    def forward(self, a_t: Tensor, species_counts: List[int]) -> Tensor:
+        """``a_t``: the interaction output as ``[C, N, 16]``; returns ``[N, M, C]``."""
+        pair_products = a_t.index_select(2, self.pairs[0]) * a_t.index_select(2, self.pairs[1])
+        monomials = torch.cat(
+            [
+                a_t.index_select(2, self.singles),
+                pair_products,
+                pair_products.index_select(2, self.triples_pair) * a_t.index_select(2, self.triples_single),
+            ],
+            dim=2,
+        )  # [C, N, Q]
+        channels = a_t.shape[0]
+        pieces: List[Tensor] = []
+        start = 0
+        for element, count in enumerate(species_counts):
+            if count == 0:
+                continue
+            # V_Z[c, q, m] = sum_k coefficients[q, m, k] W_Z[k, c]
+            folded = (self.coefficients.view(-1, self.weights.shape[1]) @ self.weights[element])  # [Q*M, C]
+            folded = folded.view(-1, self.out_dim, channels).permute(2, 0, 1)  # [C, Q, M]
+            pieces.append(torch.bmm(monomials.narrow(1, start, count), folded))  # [C, count, M]
+            start += count
+        return torch.cat(pieces, dim=1).permute(1, 2, 0)  # [N, M, C]
+
+
+class Product(nn.Module):
+    """mace's EquivariantProductBasisBlock: symmetric contractions (one per output irrep), linear, + residual."""
+
+    def __init__(self, contractions: List[SymmetricContraction], linear: EquivariantLinear, use_sc: bool) -> None:
+        super().__init__()
+        self.contractions = nn.ModuleList(contractions)
+        self.linear = linear
+        self.use_sc = use_sc
+
+    def forward(self, a: Tensor, sc: Optional[Tensor], species_counts: List[int]) -> Tensor:
+        a_t = a.permute(2, 0, 1).contiguous()  # [C, N, 16]
+        basis = torch.cat([c(a_t, species_counts) for c in self.contractions], dim=1)
+        h = self.linear(basis)
+        if self.use_sc and sc is not None:
+            h = h + sc
+        return h
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. Readouts
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Readout(nn.Module):
+    """Node energy of one layer from its scalar channels: linear, or linear-SiLU-linear (last layer).
+
+    For multi-head models the hidden units are grouped head-major; only the selected head's group contributes.
+    """
+
+    def __init__(self, first: Tensor, second: Optional[Tensor], activation_scale: float, mask_groups: int) -> None:
+        super().__init__()
+        self.first = nn.Parameter(first, requires_grad=False)  # [C, n_heads] or [C, hidden]
+        self.nonlinear = second is not None
+        self.second = nn.Parameter(second if second is not None else torch.zeros(1, 1), requires_grad=False)
+        self.activation_scale = activation_scale
+        self.mask_groups = mask_groups  # hidden units form this many head-major groups (1: no masking)
+
+    def forward(self, h: Tensor, head: int) -> Tensor:
+        scalars = h[:, 0, :]  # the 0e components, [N, C]
+        if not self.nonlinear:
+            return (scalars @ self.first)[:, head]
+        hidden = torch.nn.functional.silu(scalars @ self.first) * self.activation_scale
+        second = self.second[:, head]
+        if self.mask_groups > 1:  # mace's head mask: only the units of the node's head contribute
+            width = hidden.shape[1] // self.mask_groups
+            hidden = hidden.narrow(1, head * width, width)
+            second = second.narrow(0, head * width, width)
+        return hidden @ second
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MACE(nn.Module):
+    """A MACE potential (mace-torch's ScaleShiftMACE / MACE), inference only.
+
+    Call with the graph of one structure; see :meth:`forward`. Build it with :func:`mace_ase.load_model`.
+    """
+
+    def __init__(self, atomic_numbers: Tensor, r_max: float, max_ell: int, heads: List[str], embedding: Tensor,
+                 atomic_energies: Tensor, scale: Tensor, shift: Tensor, radial: RadialEmbedding,
+                 interactions: List[Interaction], products: List[Product], readouts: List[Readout],
+                 readout_layers: List[int], zbl: Optional[ZBLRepulsion]) -> None:
+        super().__init__()
+        self.register_buffer("atomic_numbers", atomic_numbers)  # [n_elements] Z of each model element
+        self.register_buffer("r_max", torch.tensor(r_max, dtype=embedding.dtype))  # Å
+        self.register_buffer("num_interactions", torch.tensor(len(interactions)))
+        self.r_max_value = r_max
+        self.max_ell = max_ell
+        self.heads = heads
+        self.embedding = nn.Parameter(embedding, requires_grad=False)  # [n_elements, C], 1/sqrt(n_el) folded in
+        self.register_buffer("atomic_energies", atomic_energies)  # [n_heads, n_elements] eV
+        self.register_buffer("scale", scale)  # [n_heads]
+        self.register_buffer("shift", shift)  # [n_heads] eV
+        self.radial = radial
+        self.interactions = nn.ModuleList(interactions)
+        self.products = nn.ModuleList(products)
+        self.readouts = nn.ModuleList(readouts)
+        self.readout_layers = readout_layers  # which layer's features each readout reads
+        self.use_zbl = zbl is not None
+        self.zbl = zbl if zbl is not None else nn.Identity()
+
+    def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, receiver: Tensor, head: int,
+                      species_counts: List[int]) -> Tensor:
+        """Interaction energy of every node (eV, scale and shift applied, E0 excluded).
+
+        ``species`` must be sorted (nodes grouped by element, ``species_counts[e]`` of element e in model order).
+        """
+        n_nodes = species.shape[0]
+        lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)  # [E, 1]
+        z = self.atomic_numbers[species]
+        z_sender, z_receiver = z[sender], z[receiver]
+        sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [E, (max_ell+1)^2]
+        edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [E, n_basis], [E, 1]
+
+        node_energy = torch.zeros(n_nodes, dtype=vectors.dtype, device=vectors.device)
+        if self.use_zbl:
+            node_energy = node_energy + self.zbl(lengths, z_sender, z_receiver, receiver, n_nodes)
+
+        h = self.embedding[species].unsqueeze(1)  # [N, 1, C]: layer-0 features are scalars
+        features: List[Tensor] = []
+        for interaction, product in zip(self.interactions, self.products):
+            message, sc = interaction(h, sh, edge_feats, envelope, sender, receiver, species_counts)
+            h = product(message, sc, species_counts)
+            features.append(h)
+        for readout, layer in zip(self.readouts, self.readout_layers):
+            node_energy = node_energy + readout(features[layer], head)
+        return self.scale[head] * node_energy + self.shift[head]
+
+    def group_by_element(self, species: Tensor, edge_index: Tensor
+                         ) -> Tuple[Tensor, Tensor, Tensor, List[int], Tensor, Tensor]:
+        """Sort nodes by element (so per-element weights act on contiguous slices) and renumber the edges.
+
+        Returns ``order`` (sorted -> original), ``inverse`` (original -> sorted), the sorted species, the count of
+        each element, and the renumbered sender and receiver indices.
+        """
+        order = torch.argsort(species, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.shape[0], device=order.device)
+        counts: List[int] = torch.bincount(species, minlength=self.atomic_numbers.shape[0]).tolist()
+        return order, inverse, species[order], counts, inverse[edge_index[0]], inverse[edge_index[1]]
+
+    def interaction_energy(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor,
+                           unit_shifts: Tensor, head: int = 0) -> Tensor:
+        """Total interaction energy (eV, E0 excluded), differentiable in ``positions`` (e.g. for Hessians)."""
+        order, inverse, species_sorted, counts, sender, receiver = self.group_by_element(species, edge_index)
+        positions_sorted = positions[order]
+        vectors = positions_sorted[receiver] - positions_sorted[sender] + unit_shifts @ cell
+        return self.node_energies(vectors, species_sorted, sender, receiver, head, counts).sum()
+
+    def forward(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor, unit_shifts: Tensor,
+                head: int = 0, compute_stress: bool = True) -> Dict[str, Tensor]:
+        """Energy, forces and stress of one structure.
+
+        Args:
+            positions: ``[N, 3]`` Å, in the model's dtype.
+            cell: ``[3, 3]`` Å, lattice vectors as rows (any values along non-periodic directions).
+            species: ``[N]`` int64 index of each atom's element in :attr:`atomic_numbers`.
+            edge_index: ``[2, E]`` int64 (sender, receiver) pairs within ``r_max``, both directions present.
+            unit_shifts: ``[E, 3]`` integer lattice translations (as floats) of the receiver image: edge vector =
+                ``positions[receiver] - positions[sender] + unit_shifts @ cell``.
+            head: index in :attr:`heads`.
+            compute_stress: also return the stress (needs a cell of non-zero volume).
+
+        Returns:
+            ``energy`` (0-d, eV), ``node_energy`` ``[N]`` (float64, eV, without E0), ``atomic_energies`` ``[N]``
+            (float64 E0 of each atom, eV), ``forces`` ``[N, 3]`` (eV/Å), ``stress`` ``[3, 3]`` (eV/Å³, zeros when
+            not computed).
+        """
+        order, inverse, species_sorted, species_counts, sender, receiver = self.group_by_element(species, edge_index)
+        positions_sorted = positions[order]
+        vectors = positions_sorted[receiver] - positions_sorted[sender] + unit_shifts @ cell
+        vectors = vectors.detach().requires_grad_(True)
+        node_inter = self.node_energies(vectors, species_sorted, sender, receiver, head, species_counts)
+        node_e0 = self.atomic_energies[head][species_sorted]
+        energy = node_e0.sum() + node_inter.sum()
+
+        grads = torch.autograd.grad([node_inter.sum()], [vectors], allow_unused=True)
+        edge_grad = grads[0]
+        if edge_grad is None:  # no edges at all: an isolated atom
+            edge_grad = torch.zeros_like(vectors)
+        forces = torch.zeros_like(positions_sorted)
+        forces = forces.index_add(0, sender, edge_grad).index_add(0, receiver, -edge_grad)
+
+        stress = torch.zeros(3, 3, dtype=positions.dtype, device=positions.device)
+        if compute_stress:
+            virial = vectors.detach().transpose(0, 1) @ edge_grad  # sum_e r_e (x) dE/dr_e
+            virial = 0.5 * (virial + virial.transpose(0, 1))
+            stress = virial / torch.abs(torch.linalg.det(cell))
+
+        return {
+            "energy": energy.detach(),
+            "node_energy": node_inter.detach()[inverse].to(torch.float64),
+            "atomic_energies": node_e0[inverse].to(torch.float64),
+            "forces": forces[inverse],
+            "stress": stress,
+        }

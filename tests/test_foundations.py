@@ -1,0 +1,162 @@
+"""mace_mp / mace_off / mace_omol: model resolution, defaults, argument checks (no network, fake calculator)."""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mace_ase import foundations
+from mace_ase.io import registry
+
+FIXTURE = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
+
+
+class FakeCalculator:
+    """Stands in for mace_ase.calculator.MACECalculator: records how it was built."""
+
+    def __init__(self, model_paths, device=None, default_dtype="float64", head=None, **kwargs):
+        self.model_paths, self.device, self.default_dtype, self.head, self.kwargs = (
+            model_paths, device, default_dtype, head, kwargs)
+        self.parameters = {}
+
+
+@pytest.fixture(autouse=True)
+def environment(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MACE_ASE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("MACE_ASE_OFFLINE", "1")  # never the network
+    for name in ("MACE_ASE_MIRROR", "MACE_ASE_CACHE_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(registry, "_verified", set())
+    monkeypatch.setitem(sys.modules, "mace_ase.calculator", types.SimpleNamespace(MACECalculator=FakeCalculator))
+    return cache
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    if FIXTURE.is_file():
+        return FIXTURE
+    path = tmp_path / "tiny.model"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("tiny/data.pkl", b"\x80\x02}q\x00.")
+    return path
+
+
+def cache_copy(cache: Path, name: str, source: Path) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / registry.lookup(name).file_name
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def test_mace_mp_default_model_from_cache(environment, model_file):
+    cached = cache_copy(environment, "medium-mpa-0", model_file)
+    with pytest.raises(registry.IntegrityError):  # the fixture is not the real MPA-0 file: its git SHA-1 differs
+        foundations.mace_mp()
+    assert not cached.exists()  # and the impostor was removed
+
+
+def test_mace_mp_by_name_uses_cache_and_defaults(environment, model_file):
+    cached = cache_copy(environment, "small", model_file)
+    calc = foundations.mace_mp("small", device="cpu")
+    assert calc.model_paths == str(cached) and calc.device == "cpu" and calc.default_dtype == "float32"
+    assert calc.head is None and calc.parameters["model_name"] == "small"
+
+
+def test_device_none_picks_cuda_only_when_available(model_file):
+    torch = pytest.importorskip("torch")
+    calc = foundations.mace_mp(model_file)
+    assert calc.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_local_path_and_extra_kwargs(model_file):
+    calc = foundations.mace_mp(str(model_file), device="cpu", default_dtype="float64", head="h", enable_x=True)
+    assert calc.model_paths == str(model_file) and calc.default_dtype == "float64" and calc.head == "h"
+    assert calc.kwargs == {"enable_x": True} and calc.parameters["model_name"] == str(model_file)
+
+
+def test_mace_off_alias_and_offline_message(environment):
+    with pytest.raises(registry.OfflineError, match="MACE-OFF23_medium.model") as info:
+        foundations.mace_off()
+    assert str(environment / "MACE-OFF23_medium.model") in str(info.value)
+    with pytest.raises(registry.OfflineError, match="MACE-OFF23_large.model"):
+        foundations.mace_off("large", device="cpu")
+
+
+def test_mace_omol_forces_its_head(environment, model_file):
+    cache_copy(environment, "omol-0-extra-large", model_file)
+    calc = foundations.mace_omol(device="cpu")
+    assert calc.head == "omol" and calc.default_dtype == "float64"
+
+
+def test_errors_before_any_download():
+    with pytest.raises(TypeError, match="dispersion must be True or False"):
+        foundations.mace_mp(dispersion="False")
+    with pytest.raises(ValueError, match="default_dtype"):
+        foundations.mace_mp(default_dtype="float16")
+    with pytest.raises(registry.UnknownModelError, match="Available: .*medium-mpa-0"):
+        foundations.mace_mp("medium-mpa-9")
+    with pytest.raises(registry.UnknownModelError, match=r"use mace_off\(model='off24-medium'\)"):
+        foundations.mace_mp("off24-medium")
+    with pytest.raises(FileNotFoundError, match="No model file at"):
+        foundations.mace_mp("./no/such.model")
+
+
+def test_dispersion_passes_options_to_add_d3(environment, model_file, monkeypatch):
+    calls = []
+
+    def add_d3(calculator, **options):
+        calls.append(options)
+        return ("sum", calculator)
+
+    monkeypatch.setitem(sys.modules, "mace_ase.dispersion", types.SimpleNamespace(add_d3=add_d3))
+    result = foundations.mace_mp(model_file, device="cpu", dispersion=True, damping="zero", dispersion_cutoff=12.0)
+    assert result[0] == "sum" and isinstance(result[1], FakeCalculator)
+    assert calls == [{"damping": "zero", "dispersion_xc": "pbe", "dispersion_cutoff": 12.0}]
+
+
+def test_default_change_warns_only_when_the_default_is_relied_on(environment, model_file, monkeypatch):
+    cache_copy(environment, "small", model_file)
+    # pretend a later release changed mace_mp's default from 'medium' to 'small'
+    monkeypatch.setitem(foundations.DEFAULT_MODELS, "mace_mp", (("0.1.0", "medium"), ("0.2.0", "small")))
+    monkeypatch.setitem(foundations._DEFAULT, "mace_mp", foundations._DefaultModel("small"))
+    default = foundations._DEFAULT["mace_mp"]
+    expected = r"uses the model 'small' by default since mace-ase 0.2.0 \(before: 'medium'\)"
+    with pytest.warns(UserWarning, match=expected):
+        path, entry = foundations.resolve_model("mace_mp", ["mp"], default)
+    assert entry.name == "small"
+    with pytest.warns(UserWarning, match=expected):  # model=None also means "the default" (as in mace-torch)
+        assert foundations.resolve_model("mace_mp", ["mp"], None)[1].name == "small"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        foundations.resolve_model("mace_mp", ["mp"], "small")  # an explicit choice: no warning
+
+
+def test_current_defaults_are_explicit_and_do_not_warn():
+    assert foundations.DEFAULT_MODELS["mace_mp"][-1][1] == "medium-mpa-0"
+    assert foundations.mace_mp.__defaults__[0] == "medium-mpa-0"
+    assert foundations.mace_off.__defaults__[0] == "medium"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        foundations._warn_if_default_changed("mace_mp")
+
+
+def test_real_calculator_on_fixture(monkeypatch):
+    """End to end with the real MACECalculator, when it exists."""
+    monkeypatch.delitem(sys.modules, "mace_ase.calculator")
+    try:
+        import mace_ase.calculator  # noqa: F401
+    except ImportError:
+        pytest.skip("mace_ase.calculator is not written yet")
+    if not FIXTURE.is_file():
+        pytest.skip("fixture model missing")
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.6)
+    atoms.calc = foundations.mace_mp(FIXTURE, device="cpu", default_dtype="float64")
+    assert abs(atoms.get_potential_energy()) < 1e6
