@@ -4,8 +4,9 @@
 
 in eV/Å², shape ``(3N, 3N)``, rows and columns ordered atom-major
 (``x_0, y_0, z_0, x_1, ...``). For a MACE model the forces are themselves an autograd
-result, so each row of H is one more backward pass through the force graph: exact (no
-finite-difference step) and, for small systems, faster than 6N force calls.
+result, so each row of H is one more backward pass through the force graph
+(``MACECalculator.get_hessian``): exact (no finite-difference step) and, for small systems,
+faster than 6N force calls.
 
 Vibrational frequencies follow from the mass-weighted Hessian ``H_ab / sqrt(m_a m_b)``
 (see ``ase.vibrations.VibrationsData.from_2d(atoms, hessian)``).
@@ -27,28 +28,23 @@ log = logging.getLogger(__name__)
 
 
 def hessian(calc: Any, atoms: Atoms) -> np.ndarray:
-    """Hessian of the energy of ``atoms`` from ``calc`` by autograd, eV/Å², shape ``(3N, 3N)``.
+    """Hessian of the energy of ``atoms``, eV/Å², shape ``(3N, 3N)``, symmetrised.
 
-    ``calc`` must offer ``energy_and_forces_torch(atoms) -> (energy, forces, positions)``
-    (as :class:`mace_ase.calculator.MACECalculator` does), with ``forces`` of shape
-    ``(N, 3)`` built with ``create_graph=True`` from the leaf tensor ``positions``. Use
-    ``default_dtype="float64"`` for accurate second derivatives. The result is symmetrised
-    (``(H + H.T) / 2``); the asymmetry before that is float round-off only.
+    Uses the calculator's analytic ``get_hessian(atoms)``: :class:`MACECalculator` differentiates
+    its forces by autograd (one backward pass per row; use ``default_dtype="float64"``), and
+    ``dftd3``'s D3 calculator has one too. The result is symmetrised (``(H + H.T) / 2``); the
+    asymmetry before that is round-off only. For any other calculator use
+    :func:`finite_difference_hessian`.
     """
-    import torch
-
-    if not hasattr(calc, "energy_and_forces_torch"):
+    if not callable(getattr(calc, "get_hessian", None)):
         raise TypeError(
-            f"{type(calc).__name__} cannot differentiate its forces; hessian() needs a MACECalculator. "
-            "For other calculators use mace_ase.hessian.finite_difference_hessian(atoms, calc)."
+            f"{type(calc).__name__} has no analytic Hessian (get_hessian). "
+            "Use mace_ase.hessian.finite_difference_hessian(atoms, calc) instead (6N force calls)."
         )
-    _, forces, positions = calc.energy_and_forces_torch(atoms)
-    flat = forces.reshape(-1)  # (3N,)
-    rows = []
-    for a in range(flat.shape[0]):
-        (grad,) = torch.autograd.grad(flat[a], positions, retain_graph=a + 1 < flat.shape[0])
-        rows.append(-grad.reshape(-1))  # H_a. = -dF_a/dr
-    matrix = torch.stack(rows).detach().cpu().double().numpy()
+    matrix = np.asarray(calc.get_hessian(atoms), dtype=np.float64)
+    n = 3 * len(atoms)
+    if matrix.shape != (n, n):  # e.g. (N, 3, N, 3) from some calculators
+        matrix = matrix.reshape(n, n)
     return 0.5 * (matrix + matrix.T)
 
 

@@ -21,7 +21,7 @@ from typing import Callable, TextIO
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import BaseCalculator, PropertyNotImplementedError
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 
 from mace_ase.dynamics.ensembles import (
     DEFAULT_BULK_MODULUS_GPA,
@@ -193,7 +193,7 @@ def run_md(
 
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if init_velocities or (init_velocities is None and not np.any(atoms.get_momenta())):
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+        _thermalize(atoms, temperature_k, rng)
         Stationary(atoms)  # zero total momentum, temperature preserved
 
     settings = MDSettings(timestep_fs, temperature_k, pressure_gpa, tdamp_fs, pdamp_fs, bulk_modulus_gpa, rng)
@@ -261,8 +261,20 @@ def _stop(atoms: Atoms, last_good: Atoms, reason: str, partial: MDResult, step: 
         + ". Usual causes: a time step too large for the lightest atoms, an unphysical starting "
         "structure, or the model leaving its training domain."
     )
-    log.error(message)
+    log.info(message)
     return WatchdogStop(message, partial, last_good, path)
+
+
+def _thermalize(atoms: Atoms, temperature_k: float, rng: np.random.Generator) -> None:
+    """Maxwell-Boltzmann momenta (``thermalize_momenta`` since ASE 3.29, the older name before)."""
+    try:
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+        return
+    thermalize_momenta(atoms, temperature_k, rng=rng)
 
 
 def _progress_bar(steps: int, progress: bool | None):

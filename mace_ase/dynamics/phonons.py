@@ -123,21 +123,21 @@ def phonons(
     primitive = _to_ase(phonon.primitive)
     bandpath = primitive.cell.bandpath(npoints=npoints)
     phonon.run_qpoints(bandpath.kpts)
-    frequencies = np.asarray(phonon.get_qpoints_dict()["frequencies"])  # (n_k, 3 n_prim), THz
+    frequencies = np.asarray(phonon.qpoints.frequencies)  # (n_k, 3 n_prim), THz
     path_x, special_x, labels = bandpath.get_linear_kpoint_axis()
     special_x, labels = _merge_breaks(special_x, labels)
 
     phonon.run_mesh([mesh] * 3 if np.isscalar(mesh) else list(mesh), is_gamma_center=True)
     phonon.run_total_dos()
-    dos = phonon.get_total_dos_dict()
+    dos = phonon.total_dos  # frequency_points (THz), dos (states/THz)
 
     result = PhononResult(
         path_x=np.asarray(path_x),
         band_frequencies_thz=frequencies,
         special_x=np.asarray(special_x),
         special_labels=list(labels),
-        dos_frequencies_thz=np.asarray(dos["frequency_points"]),
-        dos=np.asarray(dos["total_dos"]),
+        dos_frequencies_thz=np.asarray(dos.frequency_points),
+        dos=np.asarray(dos.dos),
         supercell=supercell,
         phonopy=phonon,
     )

@@ -399,7 +399,10 @@ class Product(nn.Module):
 
     def forward(self, a: Tensor, sc: Optional[Tensor], species_counts: List[int]) -> Tensor:
         a_t = a.permute(2, 0, 1).contiguous()  # [C, N, 16]
-        basis = torch.cat([c(a_t, species_counts) for c in self.contractions], dim=1)
+        pieces: List[Tensor] = []
+        for contraction in self.contractions:
+            pieces.append(contraction(a_t, species_counts))
+        basis = torch.cat(pieces, dim=1)
         h = self.linear(basis)
         if self.use_sc and sc is not None:
             h = h + sc
@@ -495,8 +498,8 @@ class MACE(nn.Module):
             message, sc = interaction(h, sh, edge_feats, envelope, sender, receiver, species_counts)
             h = product(message, sc, species_counts)
             features.append(h)
-        for readout, layer in zip(self.readouts, self.readout_layers):
-            node_energy = node_energy + readout(features[layer], head)
+        for index, readout in enumerate(self.readouts):
+            node_energy = node_energy + readout(features[self.readout_layers[index]], head)
         return self.scale[head] * node_energy + self.shift[head]
 
     def group_by_element(self, species: Tensor, edge_index: Tensor

@@ -17,8 +17,8 @@ MACE_VENV=${MACE_VENV:-/work/venvs/oracle}
 mkdir -p "$WORK_DIR"
 cd "$WORK_DIR"
 
-# Two threads: the machine this was trained on has two cores (shared with other jobs).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# One thread: the training machine had two cores shared with other jobs; one thread was faster than two there.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 "$MACE_VENV/bin/mace_run_train" \
     --name=emt-demo \
@@ -37,7 +37,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
     --r_max=5.5 \
     --num_radial_basis=8 \
     --num_cutoff_basis=5 \
-    --max_ell=3 \
+    --max_ell=2 \
     --correlation=3 \
     --num_interactions=2 \
     --radial_MLP='[64, 64, 64]' \
