@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch
 from mace_ase.io.model_file import FunctionRef, ModelFile, ModelFileError, PickledObject, read_model_file
 from mace_ase.model.mace import (
     MACE,
-    ConvolutionGroup,
+    ConvolutionPath,
     EquivariantLinear,
     Interaction,
     Product,
@@ -127,12 +127,8 @@ def linear_blocks(record: PickledObject) -> dict[tuple[int, int], torch.Tensor]:
     return blocks
 
 
-def build_linear(record: PickledObject, path: str, input_position: Optional[Sequence[int]] = None) -> EquivariantLinear:
-    """An :class:`EquivariantLinear` from an ``o3.Linear`` record.
-
-    ``input_position`` maps a component of the record's input irreps to its position in the tensor we actually
-    feed (used when the tensor-product outputs are grouped differently from e3nn's order).
-    """
+def build_linear(record: PickledObject, path: str) -> EquivariantLinear:
+    """An :class:`EquivariantLinear` from an ``o3.Linear`` record."""
     irreps_in, irreps_out = parse_irreps(record.get("irreps_in")), parse_irreps(record.get("irreps_out"))
     _single_multiplicity(irreps_in, path, "linear input")
     _single_multiplicity(irreps_out, path, "linear output")
@@ -145,8 +141,6 @@ def build_linear(record: PickledObject, path: str, input_position: Optional[Sequ
             raise _unsupported(path, "an o3.Linear output without input")
         dim = 2 * l_out + 1
         components = [offsets_in[i] + m for i in sources for m in range(dim)]
-        if input_position is not None:
-            components = [input_position[c] for c in components]
         gathers.append(torch.tensor(components, dtype=torch.long))
         weights.append(torch.cat([blocks[(i, i_out)] for i in sources], dim=0))
         dims.append(dim)
@@ -208,62 +202,51 @@ def build_species_linear(record: PickledObject, path: str) -> SpeciesLinear:
     return SpeciesLinear(out_slots, torch.stack(matrices))
 
 
-def build_convolution(record: PickledObject, path: str) -> tuple[list[ConvolutionGroup], list[int], int]:
-    """The 'uvu' tensor product of sender features with Y(r_ij), grouped by input irrep.
-
-    Returns the groups, the position of every e3nn output component in our concatenated message tensor, and the
-    message width.
-    """
+def build_convolution(record: PickledObject, path: str) -> list[ConvolutionPath]:
+    """The 'uvu' tensor product of sender features with Y(r_ij): one :class:`ConvolutionPath` per e3nn instruction,
+    in the order of the output slots (each output slot comes from exactly one path in MACE)."""
     irreps_in1, irreps_in2 = parse_irreps(record.get("irreps_in1")), parse_irreps(record.get("irreps_in2"))
     irreps_out = parse_irreps(record.get("irreps_out"))
-    offsets_in1, offsets_in2, offsets_out = (component_offsets(x) for x in (irreps_in1, irreps_in2, irreps_out))
-    n_sh = sum(2 * l + 1 for _, l, _ in irreps_in2)
+    offsets_in2 = component_offsets(irreps_in2)
     instructions = list(record.get("instructions"))
     if sorted(int(ins[2]) for ins in instructions) != list(range(len(irreps_out))):
         raise _unsupported(path, "a tensor product whose outputs do not each come from exactly one path")
-    groups, position, cursor = [], [0] * sum(2 * l + 1 for _, l, _ in irreps_out), 0
-    for i1, (_, l1, _) in enumerate(irreps_in1):
-        mine = [(index, ins) for index, ins in enumerate(instructions) if int(ins[0]) == i1]
-        if not mine:
-            continue
-        blocks, path_of_output = [], []
-        for index, ins in mine:
-            _, i2, i_out, mode, has_weight, path_weight = ins[:6]
-            if mode != "uvu" or not has_weight:
-                raise _unsupported(path, f"tensor product mode {mode!r}")
-            l2, l3 = irreps_in2[i2][1], irreps_out[i_out][1]
-            block = torch.zeros(n_sh, 2 * l1 + 1, 2 * l3 + 1, dtype=torch.float64)
-            block[offsets_in2[i2] : offsets_in2[i2] + 2 * l2 + 1] = (
-                _wigner_3j(l1, l2, l3).permute(1, 0, 2) * float(path_weight)
+    paths = []
+    for weight_index, ins in sorted(enumerate(instructions), key=lambda item: int(item[1][2])):
+        i1, i2, i_out, mode, has_weight, path_weight = ins[:6]
+        if mode != "uvu" or not has_weight:
+            raise _unsupported(path, f"tensor product mode {mode!r}")
+        l1, l2, l3 = irreps_in1[i1][1], irreps_in2[i2][1], irreps_out[i_out][1]
+        paths.append(
+            ConvolutionPath(
+                in_slot=int(i1),
+                in_dim=2 * l1 + 1,
+                sh_start=offsets_in2[i2],
+                sh_dim=2 * l2 + 1,
+                coupling=_wigner_3j(l1, l2, l3) * float(path_weight),
+                weight_index=weight_index,
             )
-            blocks.append(block)
-            path_of_output += [index] * (2 * l3 + 1)
-            for m in range(2 * l3 + 1):
-                position[offsets_out[i_out] + m] = cursor
-                cursor += 1
-        groups.append(
-            ConvolutionGroup(offsets_in1[i1], 2 * l1 + 1, torch.cat(blocks, dim=2), torch.tensor(path_of_output))
         )
-    return groups, position, cursor
+    return paths
 
 
 def build_interaction(record: PickledObject, path: str, apply_cutoff: bool) -> Interaction:
     residual, density = _INTERACTIONS[record.short_class_name]
-    groups, position, message_dim = build_convolution(record.module("conv_tp"), path)
+    paths = build_convolution(record.module("conv_tp"), path)
     density_weight = None
     if density:
         density_weight = record.module("density_fn").module("layer0").tensor("weight").to(torch.float64)
     return Interaction(
         linear_up=build_linear(record.module("linear_up"), path),
         radial_mlp=build_radial_mlp(record.module("conv_tp_weights")),
-        groups=groups,
-        linear=build_linear(record.module("linear"), path, input_position=position),
+        paths=paths,
+        linear=build_linear(record.module("linear"), path),
         skip=build_species_linear(record.module("skip_tp"), path),
         residual=residual,
         density_weight=density_weight,
         avg_num_neighbors=float(record.get("avg_num_neighbors", 1.0)),
         apply_cutoff=apply_cutoff,
-        message_dim=message_dim,
+        input_dims=[2 * l + 1 for _, l, _ in parse_irreps(record.module("conv_tp").get("irreps_in1"))],
     )
 
 
@@ -282,12 +265,11 @@ def build_symmetric_contraction(record: PickledObject, out_l: int) -> SymmetricC
 
     out_dim = 2 * out_l + 1
     terms: dict[tuple[int, ...], dict[tuple[int, int], float]] = {}  # monomial -> {(m, k_global): coefficient}
-    weight_blocks, k_offset, n_components = [], 0, None
+    weight_blocks, k_offset = [], 0
     for nu in range(1, correlation + 1):
         u = record.tensor(f"U_matrix_{nu}").to(torch.float64).numpy()
         if out_l == 0:
             u = u[None]
-        n_components = u.shape[1]
         k_nu = u.shape[-1]
         weight = weight_by_nu[nu].to(torch.float64)
         if weight.numel() == 0 or not np.any(u):

@@ -229,7 +229,8 @@ class ZBLRepulsion(nn.Module):
         self.register_buffer("a_prefactor", a_prefactor)
         self.p = p
 
-    def forward(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, receiver: Tensor, n_nodes: int) -> Tensor:
+    def forward(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tensor:
+        """Energy of each edge given to its receiver, ``[E, 1]`` eV."""
         z_u = z_sender.unsqueeze(-1)
         z_v = z_receiver.unsqueeze(-1)
         a = self.a_prefactor * 0.529 / (torch.pow(z_u, self.a_exp) + torch.pow(z_v, self.a_exp))
@@ -242,9 +243,7 @@ class ZBLRepulsion(nn.Module):
         )
         v_edges = (14.3996 * z_u * z_v) / lengths * phi
         r_max = (self.covalent_radii[z_sender] + self.covalent_radii[z_receiver]).unsqueeze(-1)
-        v_edges = 0.5 * v_edges * polynomial_envelope(lengths, r_max, self.p)
-        energy = torch.zeros(n_nodes, 1, dtype=lengths.dtype, device=lengths.device)
-        return energy.index_add(0, receiver, v_edges).squeeze(-1)
+        return 0.5 * v_edges * polynomial_envelope(lengths, r_max, self.p)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,48 +251,53 @@ class ZBLRepulsion(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class ConvolutionGroup(nn.Module):
-    """All tensor-product paths that read one input irrep l1 of the sender features.
+class ConvolutionPath(nn.Module):
+    """One tensor-product path l1 (x) l2 -> l3 of the interaction, summed over each atom's neighbours.
 
-    ``coupling[m2, m1, o]`` folds Clebsch-Gordan coefficients, e3nn's path weights and the output component o of
-    every path (l1 x l2 -> l3) into one table, so that ``Y @ coupling`` gives a per-edge ``[2l1+1, n_out]`` matrix;
-    ``path_of_output[o]`` says which radial-MLP weight row scales output component o.
+    ``M[i, m3, c] = sum_k sum_{m1} G[i,k,m1,m3] * w[i,k,c] * x[i,k,m1,c]`` with ``G = Y_l2(r_ik) . (pw C^{l1 l2 l3})``,
+    ``w`` the radial-MLP weight of this path and ``x`` the sender features. Edges come in a padded ``[N, K]`` grid
+    (K = the largest neighbour count), so the neighbour sum is one batched matmul and no ``[E, paths, C]`` message
+    tensor is ever formed.
     """
 
-    def __init__(self, in_start: int, in_dim: int, coupling: Tensor, path_of_output: Tensor) -> None:
+    def __init__(self, in_slot: int, in_dim: int, sh_start: int, sh_dim: int, coupling: Tensor, weight_index: int
+                 ) -> None:
         super().__init__()
-        self.in_start = in_start
+        self.in_slot = in_slot  # which irrep of the sender features this path reads
         self.in_dim = in_dim
-        self.register_buffer("coupling", coupling.reshape(coupling.shape[0], -1))  # [n_sh, in_dim * n_out]
-        self.register_buffer("path_of_output", path_of_output)
-        self.n_out = int(path_of_output.shape[0])
+        self.sh_start = sh_start
+        self.sh_dim = sh_dim
+        self.out_dim = int(coupling.shape[2])
+        # [2l2+1, (2l1+1) * (2l3+1)]: Clebsch-Gordan table times e3nn's path weight
+        self.register_buffer("coupling", coupling.permute(1, 0, 2).reshape(sh_dim, -1))
+        self.weight_index = weight_index  # row of the radial MLP output that weights this path
 
-    def forward(self, sender_feats: Tensor, sh: Tensor, path_weights: Tensor) -> Tensor:
-        x = sender_feats.narrow(1, self.in_start, self.in_dim)  # [E, in_dim, C]
-        coupled = (sh @ self.coupling).view(-1, self.in_dim, self.n_out)  # [E, in_dim, n_out]
-        if self.in_dim == 1:
-            messages = coupled.transpose(1, 2) * x  # [E, n_out, C]
-        else:
-            messages = torch.bmm(coupled.transpose(1, 2), x)
-        return messages * path_weights.index_select(1, self.path_of_output)  # [E, n_out, C]
+    def forward(self, sender_irreps: List[Tensor], sh: Tensor, path_weights: List[Tensor], n_nodes: int) -> Tensor:
+        neighbours = sh.shape[0] // n_nodes
+        coupled = sh.narrow(1, self.sh_start, self.sh_dim) @ self.coupling  # [N*K, in_dim * out_dim]
+        coupled = coupled.view(n_nodes, neighbours * self.in_dim, self.out_dim).transpose(1, 2)
+        weighted = path_weights[self.weight_index].unsqueeze(1) * sender_irreps[self.in_slot]  # [N*K, in_dim, C]
+        weighted = weighted.view(n_nodes, neighbours * self.in_dim, -1)
+        return torch.bmm(coupled, weighted)  # [N, out_dim, C]
 
 
 class Interaction(nn.Module):
     """One MACE interaction block (mace's RealAgnostic[Density][Residual]InteractionBlock).
 
     * ``residual``: the self-connection ``sc = SpeciesLinear(h)`` is computed from the input features and added after
-      the product; otherwise the message itself goes through a per-element linear map (``species_mix``).
+      the product; otherwise the message itself goes through a per-element linear map.
     * ``density``: divide by ``1 + rho_i`` with ``rho_i = sum_j tanh((R(r_ij) . w)^2)`` instead of the average
       number of neighbours.
     """
 
-    def __init__(self, linear_up: EquivariantLinear, radial_mlp: RadialMLP, groups: List[ConvolutionGroup],
+    def __init__(self, linear_up: EquivariantLinear, radial_mlp: RadialMLP, paths: List[ConvolutionPath],
                  linear: EquivariantLinear, skip: SpeciesLinear, residual: bool, density_weight: Optional[Tensor],
-                 avg_num_neighbors: float, apply_cutoff: bool, message_dim: int) -> None:
+                 avg_num_neighbors: float, apply_cutoff: bool, input_dims: List[int]) -> None:
         super().__init__()
+        self.input_dims = input_dims  # 2l+1 of each irrep of the (linear_up) sender features
         self.linear_up = linear_up
         self.radial_mlp = radial_mlp
-        self.groups = nn.ModuleList(groups)
+        self.paths = nn.ModuleList(paths)  # in the order of e3nn's output slots
         self.linear = linear
         self.skip = skip
         self.residual = residual
@@ -302,34 +306,33 @@ class Interaction(nn.Module):
         self.register_buffer("density_weight", w / w.shape[0] ** 0.5)
         self.avg_num_neighbors = avg_num_neighbors
         self.apply_cutoff = apply_cutoff
-        self.message_dim = message_dim
 
-    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor, receiver: Tensor,
+    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
                 species_counts: List[int]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Edge inputs (``sh``, ``edge_feats``, ``envelope``, ``sender``) are in the padded ``[N*K]`` layout."""
         n_nodes = h.shape[0]
         sc: Optional[Tensor] = None
         if self.residual:
             sc = self.skip(h, species_counts)
         h_up = self.linear_up(h)
-        path_weights = self.radial_mlp(edge_feats)  # [E, n_paths * C]
         channels = h_up.shape[2]
+        path_weights = self.radial_mlp(edge_feats)  # [N*K, n_paths * C]
         path_weights = path_weights.view(path_weights.shape[0], path_weights.shape[1] // channels, channels)
         if not self.apply_cutoff:
             path_weights = path_weights * envelope.unsqueeze(-1)
-        sender_feats = h_up.index_select(0, sender)
+        # Split once (one backward op each) rather than slicing per path (a zero-filled gradient per slice).
+        sender_irreps = h_up.index_select(0, sender).split(self.input_dims, dim=1)  # each [N*K, 2l+1, C]
+        weights_per_path = path_weights.unbind(1)  # each [N*K, C]
         pieces: List[Tensor] = []
-        for group in self.groups:
-            pieces.append(group(sender_feats, sh, path_weights))
-        edge_messages = torch.cat(pieces, dim=1)  # [E, message_dim, C]
-        summed = torch.zeros(n_nodes, self.message_dim, h_up.shape[2], dtype=h.dtype, device=h.device)
-        summed = summed.index_add(0, receiver, edge_messages)
-        message = self.linear(summed)  # [N, 16, C]
+        for path in self.paths:
+            pieces.append(path(sender_irreps, sh, weights_per_path, n_nodes))
+        message = self.linear(torch.cat(pieces, dim=1))  # [N, 16, C]
         if self.use_density:
-            edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [E, 1]
+            edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [N*K, 1]
             if not self.apply_cutoff:
                 edge_density = edge_density * envelope
-            density = torch.zeros(n_nodes, 1, dtype=h.dtype, device=h.device).index_add(0, receiver, edge_density)
-            message = message / (density + 1.0).unsqueeze(-1)
+            density = edge_density.view(n_nodes, -1).sum(dim=1)
+            message = message / (density + 1.0).view(n_nodes, 1, 1)
         else:
             message = message / self.avg_num_neighbors
         if not self.residual:
@@ -348,7 +351,7 @@ class SymmetricContraction(nn.Module):
     The file's U_nu[m, a_1..a_nu, k] are 99.5 % zeros and symmetric in the a's. At construction they are reduced to
     ``coefficients[q, m, k]`` over the distinct monomials q = A_a (nu=1), A_a A_b (a<=b), A_a A_b A_c (a<=b<=c) that
     occur; the element's weights are folded in per forward call (``coefficients @ W_Z``, a few MFLOP), and the
-    per-node work is one batched matmul over channels: ``B[c, i, m] = sum_q P[c, i, q] V_Z[c, q, m]``.
+    per-node work is one batched matmul over channels: ``B[c, m, i] = sum_q V_Z[c, m, q] P[c, q, i]``.
     """
 
     def __init__(self, singles: Tensor, pairs: Tensor, triples_pair: Tensor, triples_single: Tensor,
@@ -364,28 +367,31 @@ class SymmetricContraction(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, a_t: Tensor, species_counts: List[int]) -> Tensor:
-        """``a_t``: the interaction output as ``[C, N, 16]``; returns ``[N, M, C]``."""
-        pair_products = a_t.index_select(2, self.pairs[0]) * a_t.index_select(2, self.pairs[1])
+        """``a_t``: the interaction output as ``[C, 16, N]``; returns ``[C, M, N]``.
+
+        Monomials are gathered along the middle axis, which copies whole contiguous rows of N values.
+        """
+        pair_products = a_t.index_select(1, self.pairs[0]) * a_t.index_select(1, self.pairs[1])
         monomials = torch.cat(
             [
-                a_t.index_select(2, self.singles),
+                a_t.index_select(1, self.singles),
                 pair_products,
-                pair_products.index_select(2, self.triples_pair) * a_t.index_select(2, self.triples_single),
+                pair_products.index_select(1, self.triples_pair) * a_t.index_select(1, self.triples_single),
             ],
-            dim=2,
-        )  # [C, N, Q]
+            dim=1,
+        )  # [C, Q, N]
         channels = a_t.shape[0]
         pieces: List[Tensor] = []
         start = 0
         for element, count in enumerate(species_counts):
             if count == 0:
                 continue
-            # V_Z[c, q, m] = sum_k coefficients[q, m, k] W_Z[k, c]
-            folded = (self.coefficients.view(-1, self.weights.shape[1]) @ self.weights[element])  # [Q*M, C]
-            folded = folded.view(-1, self.out_dim, channels).permute(2, 0, 1)  # [C, Q, M]
-            pieces.append(torch.bmm(monomials.narrow(1, start, count), folded))  # [C, count, M]
+            # V_Z[c, m, q] = sum_k coefficients[q, m, k] W_Z[k, c]
+            folded = self.coefficients @ self.weights[element]  # [Q*M, C]
+            folded = folded.view(-1, self.out_dim, channels).permute(2, 1, 0)  # [C, M, Q]
+            pieces.append(torch.bmm(folded, monomials.narrow(2, start, count)))  # [C, M, count]
             start += count
-        return torch.cat(pieces, dim=1).permute(1, 2, 0)  # [N, M, C]
+        return torch.cat(pieces, dim=2)
 
 
 class Product(nn.Module):
@@ -398,11 +404,11 @@ class Product(nn.Module):
         self.use_sc = use_sc
 
     def forward(self, a: Tensor, sc: Optional[Tensor], species_counts: List[int]) -> Tensor:
-        a_t = a.permute(2, 0, 1).contiguous()  # [C, N, 16]
+        a_t = a.permute(2, 1, 0).contiguous()  # [C, 16, N]
         pieces: List[Tensor] = []
         for contraction in self.contractions:
             pieces.append(contraction(a_t, species_counts))
-        basis = torch.cat(pieces, dim=1)
+        basis = torch.cat(pieces, dim=1).permute(2, 1, 0)  # [N, D_out, C]
         h = self.linear(basis)
         if self.use_sc and sc is not None:
             h = h + sc
@@ -475,27 +481,29 @@ class MACE(nn.Module):
         self.use_zbl = zbl is not None
         self.zbl = zbl if zbl is not None else nn.Identity()
 
-    def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, receiver: Tensor, head: int,
-                      species_counts: List[int]) -> Tensor:
+    def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, head: int, species_counts: List[int]
+                      ) -> Tensor:
         """Interaction energy of every node (eV, scale and shift applied, E0 excluded).
 
-        ``species`` must be sorted (nodes grouped by element, ``species_counts[e]`` of element e in model order).
+        Nodes are sorted by element (``species_counts[e]`` nodes of element e, in model order). Edges are in the padded
+        layout of :meth:`pad_edges`: ``vectors`` and ``sender`` have N*K rows, rows i*K..i*K+K-1 belong to receiver i.
         """
         n_nodes = species.shape[0]
-        lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)  # [E, 1]
+        lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)  # [N*K, 1]
         z = self.atomic_numbers[species]
-        z_sender, z_receiver = z[sender], z[receiver]
-        sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [E, (max_ell+1)^2]
-        edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [E, n_basis], [E, 1]
+        z_sender = z[sender]
+        z_receiver = z.repeat_interleave(sender.shape[0] // n_nodes)
+        sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
+        edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
 
         node_energy = torch.zeros(n_nodes, dtype=vectors.dtype, device=vectors.device)
         if self.use_zbl:
-            node_energy = node_energy + self.zbl(lengths, z_sender, z_receiver, receiver, n_nodes)
+            node_energy = node_energy + self.zbl(lengths, z_sender, z_receiver).view(n_nodes, -1).sum(dim=1)
 
         h = self.embedding[species].unsqueeze(1)  # [N, 1, C]: layer-0 features are scalars
         features: List[Tensor] = []
         for interaction, product in zip(self.interactions, self.products):
-            message, sc = interaction(h, sh, edge_feats, envelope, sender, receiver, species_counts)
+            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts)
             h = product(message, sc, species_counts)
             features.append(h)
         for index, readout in enumerate(self.readouts):
@@ -515,13 +523,36 @@ class MACE(nn.Module):
         counts: List[int] = torch.bincount(species, minlength=self.atomic_numbers.shape[0]).tolist()
         return order, inverse, species[order], counts, inverse[edge_index[0]], inverse[edge_index[1]]
 
+    def pad_edges(self, vectors: Tensor, sender: Tensor, receiver: Tensor, n_nodes: int) -> Tuple[Tensor, Tensor]:
+        """Lay the edges out as a ``[N, K]`` grid by receiver (K = the largest neighbour count).
+
+        Empty places get a dummy edge from the atom to itself of length 2 r_max: beyond the cutoff its radial
+        features, ZBL term and density are exactly zero, so it contributes nothing, and no gradient flows to it.
+        Returns the padded vectors (differentiable in ``vectors``) and senders, both with N*K rows.
+        """
+        counts = torch.bincount(receiver, minlength=n_nodes)
+        neighbours = max(int(counts.max()) if receiver.shape[0] > 0 else 0, 1)
+        order = torch.argsort(receiver, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_receiver = receiver[order]
+        slot = torch.arange(receiver.shape[0], device=receiver.device) - starts[sorted_receiver]
+        place = torch.empty_like(order)
+        place[order] = sorted_receiver * neighbours + slot
+        padded_sender = torch.arange(n_nodes, device=sender.device).repeat_interleave(neighbours)
+        padded_sender[place] = sender
+        dummy = torch.zeros(1, 3, dtype=vectors.dtype, device=vectors.device)
+        dummy[0, 0] = 2.0 * self.r_max_value
+        padded_vectors = dummy.expand(n_nodes * neighbours, 3).index_copy(0, place, vectors)
+        return padded_vectors, padded_sender
+
     def interaction_energy(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor,
                            unit_shifts: Tensor, head: int = 0) -> Tensor:
         """Total interaction energy (eV, E0 excluded), differentiable in ``positions`` (e.g. for Hessians)."""
         order, inverse, species_sorted, counts, sender, receiver = self.group_by_element(species, edge_index)
         positions_sorted = positions[order]
         vectors = positions_sorted[receiver] - positions_sorted[sender] + unit_shifts @ cell
-        return self.node_energies(vectors, species_sorted, sender, receiver, head, counts).sum()
+        padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, species.shape[0])
+        return self.node_energies(padded_vectors, species_sorted, padded_sender, head, counts).sum()
 
     def forward(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor, unit_shifts: Tensor,
                 head: int = 0, compute_stress: bool = True) -> Dict[str, Tensor]:
@@ -546,7 +577,8 @@ class MACE(nn.Module):
         positions_sorted = positions[order]
         vectors = positions_sorted[receiver] - positions_sorted[sender] + unit_shifts @ cell
         vectors = vectors.detach().requires_grad_(True)
-        node_inter = self.node_energies(vectors, species_sorted, sender, receiver, head, species_counts)
+        padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, species.shape[0])
+        node_inter = self.node_energies(padded_vectors, species_sorted, padded_sender, head, species_counts)
         node_e0 = self.atomic_energies[head][species_sorted]
         energy = node_e0.sum() + node_inter.sum()
 
