@@ -80,7 +80,7 @@ def mace_mp(
         return calculator
     from mace_ase.dispersion import add_d3
 
-    return add_d3(calculator, damping=damping, dispersion_xc=dispersion_xc, dispersion_cutoff=dispersion_cutoff)
+    return add_d3(calculator, xc=dispersion_xc, damping=damping, cutoff=dispersion_cutoff)
 
 
 def mace_off(

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-from ase import Atoms
+# Small matrices dominate these tests: one BLAS/OpenMP thread is faster and reproducible on a shared 2-core machine.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import json  # noqa: E402
+from functools import lru_cache  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from ase import Atoms  # noqa: E402
+
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = FIXTURES / "references.json"

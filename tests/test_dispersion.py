@@ -9,7 +9,7 @@ from ase.calculators.emt import EMT
 
 pytest.importorskip("dftd3", reason="D3 needs the optional extra 'd3' (pip install 'mace-ase[d3]')")
 
-from mace_ase.dispersion import DEFAULT_CUTOFF, add_d3, d3_calculator  # noqa: E402
+from mace_ase.dispersion import DEFAULT_CUTOFF, add_d3, d3_calculator
 
 
 def test_sum_is_base_plus_d3():
@@ -57,3 +57,21 @@ def test_bad_options_refused():
         d3_calculator(damping="becke")
     with pytest.raises(TypeError, match="dispersion_xc"):
         add_d3(EMT(), dispersion_xc="pbe")
+
+
+def test_mace_mp_with_dispersion_adds_d3():
+    """mace_mp(dispersion=True) is the MACE calculator plus D3(BJ, PBE) with mace-torch's 40 bohr cutoff."""
+    from conftest import fixture_model
+
+    from mace_ase import mace_mp
+
+    path = str(fixture_model("mp0a_small"))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = mace_mp(model=path, device="cpu", default_dtype="float64")
+    e_mace, f_mace = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = d3_calculator()
+    e_d3, f_d3 = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = mace_mp(model=path, device="cpu", default_dtype="float64", dispersion=True)
+    assert atoms.get_potential_energy() == pytest.approx(e_mace + e_d3, abs=1e-9)
+    np.testing.assert_allclose(atoms.get_forces(), f_mace + f_d3, atol=1e-9)

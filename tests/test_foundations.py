@@ -117,7 +117,7 @@ def test_dispersion_passes_options_to_add_d3(environment, model_file, monkeypatc
     monkeypatch.setitem(sys.modules, "mace_ase.dispersion", types.SimpleNamespace(add_d3=add_d3))
     result = foundations.mace_mp(model_file, device="cpu", dispersion=True, damping="zero", dispersion_cutoff=12.0)
     assert result[0] == "sum" and isinstance(result[1], FakeCalculator)
-    assert calls == [{"damping": "zero", "dispersion_xc": "pbe", "dispersion_cutoff": 12.0}]
+    assert calls == [{"damping": "zero", "xc": "pbe", "cutoff": 12.0}]
 
 
 def test_default_change_warns_only_when_the_default_is_relied_on(environment, model_file, monkeypatch):

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from ase import Atoms, units
@@ -113,7 +113,7 @@ def _nvt_nose_hoover(atoms: Atoms, s: MDSettings) -> MolecularDynamics:
 
 
 def _npt_mtk(atoms: Atoms, s: MDSettings, *, isotropic: bool = True) -> MolecularDynamics:
-    from ase.md.nose_hoover_chain import IsotropicMTKNPT, MTKNPT
+    from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
 
     cls = IsotropicMTKNPT if isotropic else MTKNPT
     return cls(

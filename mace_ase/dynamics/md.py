@@ -11,12 +11,14 @@ It is ``nan`` when the cell is not fully periodic or the calculator has no stres
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import numpy as np
 from ase import Atoms, units
@@ -36,6 +38,7 @@ from mace_ase.dynamics.watchdog import Watchdog, WatchdogStop
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WATCHDOG = Watchdog()  # frozen, so sharing one default instance is safe
 SERIES_HEADER = "time_ps temperature_K potential_energy_eV total_energy_eV volume_A3 pressure_GPa"
 
 
@@ -130,7 +133,7 @@ def run_md(
     pdamp_fs: float = DEFAULT_PDAMP_FS,
     bulk_modulus_gpa: float = DEFAULT_BULK_MODULUS_GPA,
     init_velocities: bool | None = None,
-    watchdog: Watchdog | None = Watchdog(),
+    watchdog: Watchdog | None = DEFAULT_WATCHDOG,
     callback: Callable[[MDResult], None] | None = None,
 ) -> MDResult:
     """Run molecular dynamics on ``atoms`` (in place) and return the logged series.
@@ -206,21 +209,25 @@ def run_md(
         f", P = {pressure_gpa:g} GPa" if spec.barostat else "", len(atoms),
     )
 
-    log_handle = open(logfile, "w") if logfile is not None else None
-    if log_handle is not None:
-        log_handle.write(f"# mace-ase run_md {ensemble} dt={timestep_fs} fs\n# {SERIES_HEADER}\n")
-    series = _Series(logfile=log_handle)
-    writer = TrajectoryWriter(trajectory) if trajectory is not None else None
-    bar = _progress_bar(steps, progress)
-    last_good = atoms.copy()
-    start = time.perf_counter()
-    done = 0
+    with contextlib.ExitStack() as files:  # log file, trajectory and progress bar close on any exit
+        log_handle = files.enter_context(open(logfile, "w")) if logfile is not None else None
+        if log_handle is not None:
+            log_handle.write(f"# mace-ase run_md {ensemble} dt={timestep_fs} fs\n# {SERIES_HEADER}\n")
+        writer = TrajectoryWriter(trajectory) if trajectory is not None else None
+        if writer is not None:
+            files.callback(writer.close)
+        bar = _progress_bar(steps, progress)
+        if bar is not None:
+            files.callback(bar.close)
+        series = _Series(logfile=log_handle)
+        last_good = atoms.copy()
+        start = time.perf_counter()
+        done = 0
 
-    def result(reason: str | None = None) -> MDResult:
-        return MDResult(atoms, ensemble, timestep_fs, done, *series.arrays(),
-                        wall_time_s=time.perf_counter() - start, stopped_reason=reason)
+        def result(reason: str | None = None) -> MDResult:
+            return MDResult(atoms, ensemble, timestep_fs, done, *series.arrays(),
+                            wall_time_s=time.perf_counter() - start, stopped_reason=reason)
 
-    try:
         for _ in dyn.irun(steps):
             done = dyn.nsteps
             if watchdog is not None and done % watchdog.interval == 0:
@@ -238,10 +245,6 @@ def run_md(
                     callback(result())
             if bar is not None and done > 0:
                 bar.update(1)
-    finally:
-        for handle in (bar, writer, log_handle):
-            if handle is not None:
-                handle.close()
     final = result()
     log.info("MD finished: %r", final)
     return final

@@ -13,9 +13,10 @@ forces show up as spurious (often imaginary) modes. Needs the optional extra ``p
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from ase import Atoms

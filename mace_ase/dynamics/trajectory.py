@@ -27,7 +27,7 @@ class TrajectoryWriter:
             self._xyz = None
         elif suffix in EXTXYZ_SUFFIXES:
             self._traj = None
-            self._xyz = open(self.path, "w")
+            self._xyz = open(self.path, "w")  # noqa: SIM115 -- kept open across writes, closed by close()
         else:
             raise ValueError(
                 f"Unsupported trajectory suffix {suffix!r} in {str(path)!r}; use .traj (ASE) or .xyz/.extxyz."

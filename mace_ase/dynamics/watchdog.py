@@ -49,7 +49,7 @@ class Watchdog:
     min_distance: float | None = 0.5
     interval: int | None = None
 
-    def resolved(self, temperature_k: float, loginterval: int) -> "Watchdog":
+    def resolved(self, temperature_k: float, loginterval: int) -> Watchdog:
         """Fill the ``None`` defaults that depend on the run."""
         max_t = self.max_temperature_k
         if max_t is None:
@@ -89,7 +89,7 @@ class WatchdogStop(RuntimeError):
             when the run had no trajectory.
     """
 
-    def __init__(self, message: str, result: "MDResult", last_good_atoms: Atoms, last_good_path: Any):
+    def __init__(self, message: str, result: MDResult, last_good_atoms: Atoms, last_good_path: Any):
         super().__init__(message)
         self.result = result
         self.last_good_atoms = last_good_atoms

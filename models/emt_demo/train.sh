@@ -10,7 +10,7 @@ set -euo pipefail
 
 DATA_DIR=${1:-/work/emt_data}
 WORK_DIR=${2:-/work/emt_train}
-EPOCHS=${3:-60}
+EPOCHS=${3:-24}
 START_STAGE_TWO=$(( EPOCHS * 3 / 4 ))
 MACE_VENV=${MACE_VENV:-/work/venvs/oracle}
 
@@ -53,13 +53,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     --swa_stress_weight=1000 \
     --ema \
     --ema_decay=0.99 \
-    --batch_size=8 \
+    --batch_size=5 \
     --valid_batch_size=16 \
     --lr=0.01 \
     --scheduler_patience=5 \
     --max_num_epochs="$EPOCHS" \
     --patience=1000 \
-    --eval_interval=2 \
+    --eval_interval=1 \
     --error_table=PerAtomRMSEstressvirials \
     --num_workers=0 \
     --save_cpu \

@@ -1,0 +1,27 @@
+"""CUDA gives the CPU's answers (skipped where no GPU is present)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_model, random_triclinic
+from mace_ase.calculator import MACECalculator
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("dtype,atol", [("float64", 1e-10), ("float32", 1e-4)])
+@pytest.mark.parametrize("model", ["mpa0_density", "multihead", "mp0a_l2"])
+def test_cuda_matches_cpu(model: str, dtype: str, atol: float) -> None:
+    path = str(fixture_model(model))
+    cpu = MACECalculator(model_paths=path, device="cpu", default_dtype=dtype)
+    cuda = MACECalculator(model_paths=path, device="cuda", default_dtype=dtype)
+    atoms = random_triclinic([int(z) for z in cpu.atomic_numbers], seed=11).repeat((2, 2, 2))
+    atoms.calc = cpu
+    e_cpu, f_cpu, s_cpu = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    atoms.calc = cuda
+    assert atoms.get_potential_energy() == pytest.approx(e_cpu, abs=atol * len(atoms))
+    assert np.abs(atoms.get_forces() - f_cpu).max() < atol * (1 + np.abs(f_cpu).max())
+    assert np.abs(atoms.get_stress() - s_cpu).max() < atol

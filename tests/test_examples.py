@@ -1,0 +1,76 @@
+"""The example scripts and the notebook run (with ASE's EMT, or the shipped demo model)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REPO = EXAMPLES.parent
+
+SCRIPTS = {
+    "relax_structure.py": [],
+    "md_nvt.py": ["--steps", "20"],
+    "md_npt.py": ["--steps", "20"],
+    "eos_bulk_modulus.py": [],
+    "phonons.py": [],
+    "d3_dispersion.py": [],
+    "hessian_vibrations.py": [],
+}
+NEEDS = {"phonons.py": ["phonopy", "matplotlib"], "d3_dispersion.py": ["dftd3"], "eos_bulk_modulus.py": ["matplotlib"]}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_every_example_is_tested():
+    assert set(SCRIPTS) == {p.name for p in EXAMPLES.glob("*.py")}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_example_script_runs_with_emt(script, tmp_path):
+    for package in NEEDS.get(script, []):
+        pytest.importorskip(package, reason=f"{script} needs the optional package {package}")
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", "emt", *SCRIPTS[script]],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip()
+
+
+def _demo_model_available() -> bool:
+    try:
+        import mace_ase.calculator
+        import mace_ase.foundations  # noqa: F401
+    except ImportError:
+        return False
+    return (REPO / "models" / "emt-demo.model").is_file()
+
+
+@pytest.mark.parametrize("model", ["emt", "emt-demo"])
+def test_notebook_runs_headless(model, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the 'notebook' extra")
+    nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the 'notebook' extra")
+    pytest.importorskip("ipykernel", reason="the notebook test needs the 'notebook' extra")
+    pytest.importorskip("phonopy", reason="the notebook computes phonons (extra 'phonons')")
+    pytest.importorskip("matplotlib", reason="the notebook plots (extra 'notebook')")
+    if model == "emt-demo" and not _demo_model_available():
+        pytest.skip("the demo model models/emt-demo.model (or mace_mp) is not available")
+    for key, value in {**_env(), "MACE_ASE_MODEL": model, "MACE_ASE_STEPS": "100"}.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(EXAMPLES / "md_and_phonons.ipynb", as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out.output_type == "error"]
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) >= 2  # the live MD plot and the phonon bands
+    text = "".join(str(out.get("text", "")) + str(out.get("data", {}).get("text/plain", "")) for out in outputs)
+    assert "mean T over the second half" in text and "PhononResult" in text
