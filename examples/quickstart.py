@@ -1,6 +1,6 @@
 """Quick start, offline: NVT then NVE molecular dynamics of a Cu3Au alloy on the shipped `emt-demo` MACE model.
 
-    python examples/quickstart.py [--model emt-demo|medium-mpa-0|PATH] [--steps 200]
+    python examples/quickstart.py [--model emt-demo|medium-mpa-0|PATH] [--steps 100]
 
 Runs `--steps` of Langevin NVT at 600 K, then `--steps` of NVE (float64, to show energy conservation), writes
 quickstart.traj, and prints the mean temperature and the NVE energy drift per atom. `emt-demo` imitates ASE's EMT
@@ -16,7 +16,7 @@ from mace_ase import mace_mp, run_md
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="emt-demo")
-parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--steps", type=int, default=100)
 args = parser.parse_args()
 
 # L1_2 Cu3Au: an fcc cube with Au on the corners, 3x3x3 cubes = 108 atoms
