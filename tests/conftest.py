@@ -8,14 +8,14 @@ import os
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
-import json  # noqa: E402
-from functools import lru_cache  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from functools import cache
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from ase import Atoms  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
 
 torch.set_num_threads(1)
 
@@ -23,7 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = FIXTURES / "references.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def references() -> dict:
     """mace-torch 0.3.16's answers for the random-weight fixture models (tests/fixtures/make_fixtures.py)."""
     with open(REFERENCES) as handle:
@@ -57,3 +57,19 @@ def random_triclinic(numbers: list[int], seed: int = 0, n: int = 8) -> Atoms:
         i, j = np.unravel_index(np.argmin(d), d.shape)
         atoms.positions[i] += rng.normal(0, 0.5, 3)
     return atoms
+
+
+@pytest.fixture
+def model_file() -> Path:
+    """A small real model file (random weights), for tests that need any readable .model file."""
+    return fixture_model("mp0a_small")
+
+
+def place_as_cached(folder: Path, name: str, source: Path) -> Path:
+    """Copy ``source`` into ``folder`` under the file name the catalogue uses for model ``name``."""
+    from mace_ase.io import registry
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / registry.lookup(name).file_name
+    target.write_bytes(source.read_bytes())
+    return target

@@ -5,15 +5,13 @@ from __future__ import annotations
 import sys
 import types
 import warnings
-import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import place_as_cached
 
 from mace_ase import foundations
 from mace_ase.io import registry
-
-FIXTURE = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
 
 
 class FakeCalculator:
@@ -37,32 +35,17 @@ def environment(tmp_path, monkeypatch) -> Path:
     return cache
 
 
-@pytest.fixture
-def model_file(tmp_path) -> Path:
-    if FIXTURE.is_file():
-        return FIXTURE
-    path = tmp_path / "tiny.model"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("tiny/data.pkl", b"\x80\x02}q\x00.")
-    return path
-
-
-def cache_copy(cache: Path, name: str, source: Path) -> Path:
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / registry.lookup(name).file_name
-    target.write_bytes(source.read_bytes())
-    return target
 
 
 def test_mace_mp_default_model_from_cache(environment, model_file):
-    cached = cache_copy(environment, "medium-mpa-0", model_file)
+    cached = place_as_cached(environment, "medium-mpa-0", model_file)
     with pytest.raises(registry.IntegrityError):  # the fixture is not the real MPA-0 file: its git SHA-1 differs
         foundations.mace_mp()
     assert not cached.exists()  # and the impostor was removed
 
 
 def test_mace_mp_by_name_uses_cache_and_defaults(environment, model_file):
-    cached = cache_copy(environment, "small", model_file)
+    cached = place_as_cached(environment, "small", model_file)
     calc = foundations.mace_mp("small", device="cpu")
     assert calc.model_paths == str(cached) and calc.device == "cpu" and calc.default_dtype == "float32"
     assert calc.head is None and calc.parameters["model_name"] == "small"
@@ -89,7 +72,7 @@ def test_mace_off_alias_and_offline_message(environment):
 
 
 def test_mace_omol_forces_its_head(environment, model_file):
-    cache_copy(environment, "omol-0-extra-large", model_file)
+    place_as_cached(environment, "omol-0-extra-large", model_file)
     calc = foundations.mace_omol(device="cpu")
     assert calc.head == "omol" and calc.default_dtype == "float64"
 
@@ -121,7 +104,7 @@ def test_dispersion_passes_options_to_add_d3(environment, model_file, monkeypatc
 
 
 def test_default_change_warns_only_when_the_default_is_relied_on(environment, model_file, monkeypatch):
-    cache_copy(environment, "small", model_file)
+    place_as_cached(environment, "small", model_file)
     # pretend a later release changed mace_mp's default from 'medium' to 'small'
     monkeypatch.setitem(foundations.DEFAULT_MODELS, "mace_mp", (("0.1.0", "medium"), ("0.2.0", "small")))
     monkeypatch.setitem(foundations._DEFAULT, "mace_mp", foundations._DefaultModel("small"))
@@ -146,17 +129,17 @@ def test_current_defaults_are_explicit_and_do_not_warn():
         foundations._warn_if_default_changed("mace_mp")
 
 
-def test_real_calculator_on_fixture(monkeypatch):
-    """End to end with the real MACECalculator, when it exists."""
-    monkeypatch.delitem(sys.modules, "mace_ase.calculator")
-    try:
-        import mace_ase.calculator  # noqa: F401
-    except ImportError:
-        pytest.skip("mace_ase.calculator is not written yet")
-    if not FIXTURE.is_file():
-        pytest.skip("fixture model missing")
+def test_real_calculator_on_fixture(model_file, monkeypatch):
+    """End to end: mace_mp(path) gives exactly what MACECalculator on that file gives."""
+    monkeypatch.delitem(sys.modules, "mace_ase.calculator")  # the autouse environment installs a fake calculator
     from ase.build import bulk
 
+    from mace_ase.calculator import MACECalculator
+
     atoms = bulk("Cu", "fcc", a=3.6)
-    atoms.calc = foundations.mace_mp(FIXTURE, device="cpu", default_dtype="float64")
-    assert abs(atoms.get_potential_energy()) < 1e6
+    atoms.rattle(0.05, seed=2)
+    atoms.calc = foundations.mace_mp(model_file, device="cpu", default_dtype="float64")
+    energy = atoms.get_potential_energy()
+    assert isinstance(atoms.calc, MACECalculator) and atoms.calc.dtype.is_floating_point
+    atoms.calc = MACECalculator(model_paths=str(model_file), device="cpu", default_dtype="float64")
+    assert atoms.get_potential_energy() == energy

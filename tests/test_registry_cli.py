@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import place_as_cached
 
 from mace_ase.cli import models as models_cli
 from mace_ase.io import registry
-
-FIXTURE = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
 
 
 def run(*argv: str) -> int:
@@ -32,25 +30,10 @@ def cache(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-@pytest.fixture
-def model_file(tmp_path) -> Path:
-    if FIXTURE.is_file():
-        return FIXTURE
-    path = tmp_path / "tiny.model"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("tiny/data.pkl", b"\x80\x02}q\x00.")
-    return path
-
-
-def put(folder: Path, name: str, source: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / registry.lookup(name).file_name
-    target.write_bytes(source.read_bytes())
-    return target
 
 
 def test_list_shows_every_model_and_cache_state(cache, model_file, capsys):
-    put(cache, "small", model_file)
+    place_as_cached(cache, "small", model_file)
     assert run("list") == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(("NAME", "*"))}
@@ -62,7 +45,7 @@ def test_list_shows_every_model_and_cache_state(cache, model_file, capsys):
 
 
 def test_download_path_verify_clear(cache, model_file, capsys):
-    put(cache, "small", model_file)
+    place_as_cached(cache, "small", model_file)
     assert run("download", "small", "medium") == 1  # offline: 'medium' is not cached, 'small' is
     captured = capsys.readouterr()
     assert captured.err.count("error:") == 1 and "MACE_ASE_OFFLINE" in captured.err
@@ -88,12 +71,12 @@ def test_download_path_verify_clear(cache, model_file, capsys):
 
 def test_shared_folder_and_clear_all(cache, tmp_path, model_file, monkeypatch, capsys):
     shared = tmp_path / "shared"
-    shared_copy = put(shared, "medium", model_file)
+    shared_copy = place_as_cached(shared, "medium", model_file)
     monkeypatch.setenv("MACE_ASE_CACHE_PATH", str(shared))
     assert run("download", "medium") == 0 and str(shared_copy) in capsys.readouterr().out
     assert run("verify") == 0
     assert "medium: UNPINNED" in capsys.readouterr().out  # no hash known, nothing written in a shared folder
-    put(cache, "large", model_file)
+    place_as_cached(cache, "large", model_file)
     assert run("clear") == 0
     assert not any(cache.iterdir()) and shared_copy.is_file()
 
