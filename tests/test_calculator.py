@@ -210,8 +210,10 @@ def test_hessian_matches_finite_differences(calc, elements) -> None:
     assert np.abs(hessian - numeric).max() < 1e-5 * (1 + np.abs(hessian).max())
 
 
-def test_torchscript_export_runs_without_mace_ase(tmp_path, elements) -> None:
-    model = load_model(fixture_model(MODEL), device="cpu", dtype="float64")
+@pytest.mark.parametrize("name", [MODEL, "mp0a_small"])  # with and without ZBL
+def test_torchscript_export_runs_without_mace_ase(tmp_path, name: str) -> None:
+    model = load_model(fixture_model(name), device="cpu", dtype="float64")
+    elements = [int(z) for z in model.atomic_numbers]
     exported = tmp_path / "model.pt"
     export_torchscript(model, exported)
     atoms = random_triclinic(elements, seed=9)

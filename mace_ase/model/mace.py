@@ -361,13 +361,12 @@ class SymmetricContraction(nn.Module):
         self.register_buffer("pairs", pairs)  # [2, Qp] components (a, b) of every needed degree-2 product
         self.register_buffer("triples_pair", triples_pair)  # [Q3] which pair (a, b) starts the triple
         self.register_buffer("triples_single", triples_single)  # [Q3] its third component c
-        self.n_pair_monomials = int(pairs.shape[1])
-        self.register_buffer("coefficients", coefficients)  # [Q, M*K] with Q = Q1 + Qp + Q3
+        self.register_buffer("coefficients", coefficients)  # [Q*M, K], Q = Q1 + Qp + Q3 monomials, K all nu's paths
         self.weights = nn.Parameter(weights, requires_grad=False)  # [n_elements, K, C] (all nu concatenated)
         self.out_dim = out_dim
 
     def forward(self, a_t: Tensor, species_counts: List[int]) -> Tensor:
-        """``a_t``: the interaction output as ``[C, 16, N]``; returns ``[C, M, N]``.
+        """``a_t``: the interaction output as ``[C, D, N]`` (D = 16 for l <= 3); returns ``[C, M, N]``.
 
         Monomials are gathered along the middle axis, which copies whole contiguous rows of N values.
         """
@@ -457,6 +456,8 @@ class MACE(nn.Module):
 
     Call with the graph of one structure; see :meth:`forward`. Build it with :func:`mace_ase.load_model`.
     """
+
+    __constants__ = ["use_zbl"]  # a compile-time constant: TorchScript drops the ZBL branch of models without it
 
     def __init__(self, atomic_numbers: Tensor, r_max: float, max_ell: int, heads: List[str], embedding: Tensor,
                  atomic_energies: Tensor, scale: Tensor, shift: Tensor, radial: RadialEmbedding,
