@@ -149,12 +149,16 @@ def test_single_atom_energy_is_e0(calc, elements) -> None:
     assert np.abs(atom.get_forces()).max() == 0.0
 
 
-def test_unknown_element_names_elements(calc) -> None:
+def test_unknown_element_names_elements(calc, elements) -> None:
     atoms = Atoms("Xe2", positions=[[0, 0, 0], [0, 0, 2.5]])
     atoms.calc = calc
     with pytest.raises(ValueError, match="Xe") as info:
         atoms.get_potential_energy()
     assert "it knows" in str(info.value)
+    # the calculator is still usable, and gives the same answers as a fresh one
+    good = random_triclinic(elements, seed=12)
+    expected = _energy(good, MACECalculator(model_paths=str(fixture_model(MODEL)), device="cpu"))
+    assert _energy(good, calc) == pytest.approx(expected, abs=1e-12)
 
 
 def test_float32_mode_does_not_touch_global_dtype(elements) -> None:
