@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +36,14 @@ REFERENCE = Path(__file__).parent / "fixtures" / "emt_demo_reference.json"
 ERROR_MARGIN = 3.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference() -> dict:
     if not MODEL.exists() or not REFERENCE.exists():
         pytest.skip(f"{MODEL} or {REFERENCE} is missing; see models/README.md for how they are made")
     return json.loads(REFERENCE.read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def calculator():
     return calculator_module.MACECalculator(model_paths=str(MODEL), device="cpu", default_dtype="float64")
 

@@ -160,8 +160,10 @@ def pick_fixture_structures(test: list[Atoms]) -> list[Atoms]:
 def markdown(results: dict) -> str:
     err = results["test_errors"]
     lines = [
-        f"Test set: {err['n_structures']} held-out structures ({err['n_stress_structures']} fully periodic, "
-        "with stress).",
+        (
+            f"Test set: {err['n_structures']} held-out structures ({err['n_stress_structures']} fully periodic, "
+            "with stress)."
+        ),
         "",
         "| quantity | RMSE | MAE |",
         "| --- | --- | --- |",
@@ -185,9 +187,11 @@ def markdown(results: dict) -> str:
     nve = results["nve"]
     lines += [
         "",
-        f"NVE (32-atom Cu-Au, 300 K, {nve['steps']} x {nve['timestep_fs']} fs, float64): "
-        f"final - initial total energy {nve['final_minus_initial_eV_per_atom']:.2e} eV/atom, "
-        f"largest deviation {nve['max_deviation_eV_per_atom']:.2e} eV/atom.",
+        (
+            f"NVE (32-atom Cu-Au, 300 K, {nve['steps']} x {nve['timestep_fs']} fs, float64): "
+            f"final - initial total energy {nve['final_minus_initial_eV_per_atom']:.2e} eV/atom, "
+            f"largest deviation {nve['max_deviation_eV_per_atom']:.2e} eV/atom."
+        ),
     ]
     return "\n".join(lines)
 

@@ -105,7 +105,7 @@ class Generator:
         atoms.positions += self.rng.normal(0.0, stdev, size=atoms.positions.shape)
 
     def slab(self) -> Atoms:
-        """A 12-24 atom fcc(111)/(100)/(110) slab with 6 Å of vacuum on each side, periodic in x and y."""
+        """A 12-20 atom fcc(111)/(100)/(110) slab with 6 Å of vacuum on each side, periodic in x and y."""
         builder = self.rng.choice(["111", "100", "110"])
         layers = int(self.rng.integers(3, 5))
         size = (2, 2, layers) if builder != "110" else (2, 2, layers + 1)
@@ -221,8 +221,8 @@ def main() -> None:
     structures = generate(args.seed, args.n_bulk, args.n_vacancy, args.n_surface, args.n_md_bulk, args.n_md_slab)
     # Shuffle MD runs' snapshots together with the rest; a separate generator keeps the split independent.
     order = np.random.default_rng(args.seed + 1).permutation(len(structures))
-    n_test = int(round(args.test_fraction * len(structures)))
-    n_valid = int(round(args.valid_fraction * len(structures)))
+    n_test = round(args.test_fraction * len(structures))
+    n_valid = round(args.valid_fraction * len(structures))
     test = [structures[i] for i in order[:n_test]]
     valid = [structures[i] for i in order[n_test : n_test + n_valid]]
     train = [structures[i] for i in order[n_test + n_valid :]]
