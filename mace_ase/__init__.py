@@ -24,6 +24,8 @@ _EXPORTS = {
     "read_model_file": "mace_ase.io.model_file",
     "mace_mp": "mace_ase.foundations",
     "mace_off": "mace_ase.foundations",
+    "mace_omol": "mace_ase.foundations",
+    "mace_anicc": "mace_ase.foundations",
     "relax": "mace_ase.dynamics.relax",
     "run_md": "mace_ase.dynamics.md",
 }

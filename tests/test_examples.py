@@ -30,8 +30,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+QUICKSTART = "quickstart.py"  # runs on the shipped emt-demo MACE model (tested below)
+
+
 def test_every_example_is_tested():
-    assert set(SCRIPTS) == {p.name for p in EXAMPLES.glob("*.py")}
+    assert set(SCRIPTS) | {QUICKSTART} == {p.name for p in EXAMPLES.glob("*.py")}
+
+
+def test_quickstart_runs_offline_on_the_demo_model(tmp_path):
+    env = dict(_env(), MACE_ASE_OFFLINE="1", MACE_ASE_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, str(EXAMPLES / QUICKSTART), "--steps", "10"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mean T" in done.stdout and "drift" in done.stdout
+    assert (tmp_path / "quickstart.traj").is_file()
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

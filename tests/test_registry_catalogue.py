@@ -133,5 +133,8 @@ def test_catalogue_found_in_a_wheel_layout(tmp_path, monkeypatch):
         registry.models_dir()
 
 
-def test_source_checkout_layout():
-    assert registry.models_dir() == Path(__file__).resolve().parents[1] / "models"
+def test_catalogue_is_the_one_in_the_source_tree():
+    """From a source checkout or an installed wheel (mace_ase/_models), the catalogue read is models/registry.txt."""
+    source = Path(__file__).resolve().parents[1] / "models"
+    assert (registry.models_dir() / "registry.txt").read_text() == (source / "registry.txt").read_text()
+    assert (registry.models_dir() / "emt-demo.model").read_bytes() == (source / "emt-demo.model").read_bytes()
