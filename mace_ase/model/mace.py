@@ -527,8 +527,9 @@ class MACE(nn.Module):
     def pad_edges(self, vectors: Tensor, sender: Tensor, receiver: Tensor, n_nodes: int) -> Tuple[Tensor, Tensor]:
         """Lay the edges out as a ``[N, K]`` grid by receiver (K = the largest neighbour count).
 
-        Empty places get a dummy edge from the atom to itself of length 2 r_max: beyond the cutoff its radial
-        features, ZBL term and density are exactly zero, so it contributes nothing, and no gradient flows to it.
+        Empty places get a dummy edge from the atom to itself of length 2 r_max + 10 Å: beyond the cutoff (and beyond
+        any ZBL range, a sum of covalent radii) its radial features, ZBL term and density are exactly zero, so it
+        contributes nothing, and no gradient flows to it.
         Returns the padded vectors (differentiable in ``vectors``) and senders, both with N*K rows.
         """
         counts = torch.bincount(receiver, minlength=n_nodes)
@@ -542,7 +543,7 @@ class MACE(nn.Module):
         padded_sender = torch.arange(n_nodes, device=sender.device).repeat_interleave(neighbours)
         padded_sender[place] = sender
         dummy = torch.zeros(1, 3, dtype=vectors.dtype, device=vectors.device)
-        dummy[0, 0] = 2.0 * self.r_max_value
+        dummy[0, 0] = 2.0 * self.r_max_value + 10.0
         padded_vectors = dummy.expand(n_nodes * neighbours, 3).index_copy(0, place, vectors)
         return padded_vectors, padded_sender
 
