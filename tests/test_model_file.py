@@ -154,3 +154,22 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
         pytest.skip("no non-linear-block fixture was generated")
     with pytest.raises(UnsupportedModelError, match="NonLinear"):
         load_model(path)
+
+
+def test_hyperparameters_describe_the_file() -> None:
+    from conftest import references
+    from mace_ase import hyperparameters
+
+    for name, entry in references()["models"].items():
+        if entry.get("unsupported"):
+            continue
+        summary = hyperparameters(read_model_file(FIXTURES / entry["file"]))
+        assert summary["r_max"] == entry["r_max"]
+        assert summary["atomic_numbers"] == entry["atomic_numbers"]
+        assert summary["heads"] == entry["heads"]
+        assert summary["num_interactions"] == 2 and summary["correlation"] == [3, 3]
+        assert summary["MLP_irreps"] == "16x0e"
+    multihead = hyperparameters(read_model_file(fixture_model("multihead")))
+    assert multihead["interaction_cls"] == "RealAgnosticDensityInteractionBlock".replace("Interaction", "ResidualInteraction")
+    assert multihead["pair_repulsion"] and multihead["distance_transform"] == "AgnesiTransform"
+    assert len(multihead["scale"]) == 2

@@ -38,7 +38,7 @@ from mace_ase.model.mace import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UnsupportedModelError", "build_model", "load_model", "export_torchscript", "Irreps"]
+__all__ = ["UnsupportedModelError", "hyperparameters", "build_model", "load_model", "export_torchscript", "Irreps"]
 
 Irreps = list  # list of (mul, l, parity) triples
 
@@ -367,6 +367,58 @@ def _check_supported(root: PickledObject, path: str) -> None:
             and m.get("cueq_config").get("enabled", False)]
     if cueq:
         raise _unsupported(path, "a cuEquivariance-converted model (convert it back with mace's convert_cueq_e3nn)")
+
+
+def _irreps_string(irreps: Irreps) -> str:
+    return "+".join(f"{mul}x{l}{'e' if p == 1 else 'o'}" for mul, l, p in irreps)
+
+
+def hyperparameters(model_file: ModelFile) -> dict[str, Any]:
+    """The architecture and training constants of a MACE file, as plain Python values.
+
+    The same facts as mace-torch's ``extract_config_mace_model``: model class, elements (Z), r_max (Å), radial basis,
+    spherical-harmonics order, hidden and readout irreps, interaction classes, correlation order per layer, radial
+    MLP widths, average neighbour count, heads, E0s (eV), scale and shift (eV), ZBL and distance transform.
+    """
+    root = model_file.root
+    interactions = root.module("interactions")
+    first = interactions.module("0")
+    layers = [interactions.module(name) for name in interactions.modules]
+    products = root.module("products")
+    radial = root.module("radial_embedding")
+    readouts = root.module("readouts")
+    last_readout = readouts.module(str(len(readouts.modules) - 1))
+    mlp_irreps = last_readout.get("hidden_irreps")  # the MLP of all heads together: mace reports one head's width
+    if mlp_irreps is not None:
+        groups = max(int(last_readout.get("num_heads", 1)), 1)
+        mlp_irreps = [(mul // groups, l, p) for mul, l, p in parse_irreps(mlp_irreps)]
+    e0 = root.module("atomic_energies_fn").tensor("atomic_energies")
+    scale_shift = root.modules.get("scale_shift")
+    return {
+        "model_class": root.short_class_name,
+        "atomic_numbers": [int(z) for z in root.tensor("atomic_numbers")],
+        "r_max": float(root.tensor("r_max")),
+        "num_bessel": int(radial.module("bessel_fn").tensor("bessel_weights").numel()),
+        "num_polynomial_cutoff": int(radial.module("cutoff_fn").tensor("p").item()),
+        "max_ell": max(l for _, l, _ in parse_irreps(root.module("spherical_harmonics").get("irreps_out"))),
+        "num_interactions": len(layers),
+        "interaction_cls_first": first.short_class_name,
+        "interaction_cls": layers[-1].short_class_name,
+        "hidden_irreps": _irreps_string(parse_irreps(layers[-1].get("node_feats_irreps"))) if len(layers) > 1
+        else _irreps_string(parse_irreps(products.module("0.symmetric_contractions").get("irreps_out"))),
+        "MLP_irreps": _irreps_string(mlp_irreps) if mlp_irreps is not None else None,
+        "correlation": [int(products.module(f"{t}.symmetric_contractions.contractions.0").get("correlation"))
+                        for t in range(len(layers))],
+        "radial_MLP": list(first.get("radial_MLP") or []),
+        "avg_num_neighbors": float(first.get("avg_num_neighbors", 1.0)),
+        "heads": list(root.get("heads") or ["Default"]),
+        "atomic_energies": e0.tolist(),
+        "scale": scale_shift.tensor("scale").tolist() if scale_shift is not None else 1.0,
+        "shift": scale_shift.tensor("shift").tolist() if scale_shift is not None else 0.0,
+        "pair_repulsion": "pair_repulsion_fn" in root.modules,
+        "distance_transform": radial.module("distance_transform").short_class_name
+        if "distance_transform" in radial.modules else None,
+    }
 
 
 def build_model(model_file: ModelFile) -> MACE:
