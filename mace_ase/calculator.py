@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MACECalculator"]
 
-# mace-torch keyword arguments that select an acceleration backend: results are unchanged, so they are accepted
-# (scripts written for mace-torch keep working) and ignored with a log message.
-_IGNORED_MACE_OPTIONS = ("enable_cueq", "enable_oeq", "compile_mode", "fullgraph", "compute_atomic_stresses")
+# mace-torch keyword arguments that select an acceleration backend or extra outputs: results are unchanged, so they
+# are accepted (scripts written for mace-torch keep working) and ignored with a log message.
+_IGNORED_MACE_OPTIONS = ("enable_cueq", "enable_oeq", "compile_mode", "fullgraph", "compute_atomic_stresses",
+                         "charges_key", "info_keys", "arrays_keys")
+_UNIT_OPTIONS = ("energy_units_to_eV", "length_units_to_A")  # mace-torch unit conversions: only 1.0 is supported
+_ASE_OPTIONS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
 
 
 def _elements(numbers: Sequence[int]) -> str:
@@ -67,6 +70,13 @@ class MACECalculator(Calculator):
         model_type = kwargs.pop("model_type", "MACE")
         if model_type != "MACE":
             raise ValueError(f"model_type={model_type!r} is not supported: mace-ase computes energies (model_type='MACE')")
+        for option in _UNIT_OPTIONS:
+            if float(kwargs.pop(option, 1.0)) != 1.0:
+                raise ValueError(f"{option} other than 1.0 is not supported: MACE foundation models use eV and Å")
+        unknown = sorted(set(kwargs) - set(_ASE_OPTIONS))
+        if unknown:
+            raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, device, "
+                            f"default_dtype, head and ASE's {list(_ASE_OPTIONS)}")
         super().__init__(**kwargs)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -170,6 +170,15 @@ def test_float32_mode_does_not_touch_global_dtype(elements) -> None:
         MACECalculator(model_paths=str(fixture_model(MODEL)), default_dtype="float16")
 
 
+def test_keyword_typos_are_errors_and_mace_backend_switches_are_accepted() -> None:
+    path = str(fixture_model(MODEL))
+    with pytest.raises(TypeError, match="defualt_dtype"):
+        MACECalculator(model_paths=path, defualt_dtype="float32")
+    with pytest.raises(ValueError, match="energy_units_to_eV"):
+        MACECalculator(model_paths=path, energy_units_to_eV=1000.0)
+    MACECalculator(model_paths=path, device="cpu", enable_cueq=True, compile_mode=None)  # as written for mace-torch
+
+
 def test_heads_are_selected_explicitly() -> None:
     path = str(fixture_model("multihead"))
     default = MACECalculator(model_paths=path, device="cpu")
