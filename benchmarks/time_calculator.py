@@ -16,12 +16,12 @@ import resource
 import statistics
 import time
 
-import numpy as np
 import torch
+from ase import Atoms
 from ase.build import bulk
 
 
-def make_silicon(n_atoms: int) -> "ase.Atoms":
+def make_silicon(n_atoms: int) -> Atoms:
     cells = {8: (1, 1, 1), 64: (2, 2, 2), 216: (3, 3, 3), 512: (4, 4, 4), 1000: (5, 5, 5), 1728: (6, 6, 6)}
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(cells[n_atoms])
     atoms.rattle(0.05, seed=0)

@@ -69,14 +69,15 @@ class MACECalculator(Calculator):
                 log.info("option %s=%r is a mace-torch backend switch; mace-ase ignores it", option, kwargs.pop(option))
         model_type = kwargs.pop("model_type", "MACE")
         if model_type != "MACE":
-            raise ValueError(f"model_type={model_type!r} is not supported: mace-ase computes energies (model_type='MACE')")
+            raise ValueError(f"model_type={model_type!r} is not supported: mace-ase computes energies "
+                             "(model_type='MACE')")
         for option in _UNIT_OPTIONS:
             if float(kwargs.pop(option, 1.0)) != 1.0:
                 raise ValueError(f"{option} other than 1.0 is not supported: MACE foundation models use eV and Å")
         unknown = sorted(set(kwargs) - set(_ASE_OPTIONS))
         if unknown:
-            raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, device, "
-                            f"default_dtype, head and ASE's {list(_ASE_OPTIONS)}")
+            raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, "
+                            f"device, default_dtype, head and ASE's {list(_ASE_OPTIONS)}")
         super().__init__(**kwargs)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +106,8 @@ class MACECalculator(Calculator):
             return load_model(source, device=self.device, dtype=self.dtype)
         if isinstance(source, MACE):
             return source.to(device=self.device, dtype=self.dtype).eval()
-        raise TypeError(f"model_paths must be a path, a list of paths or a loaded MACE model, not {type(source).__name__}")
+        raise TypeError("model_paths must be a path, a list of paths or a loaded MACE model, not "
+                        f"{type(source).__name__}")
 
     def _select_head(self, head: str | None) -> int:
         if head is None:

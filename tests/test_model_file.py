@@ -170,6 +170,6 @@ def test_hyperparameters_describe_the_file() -> None:
         assert summary["num_interactions"] == 2 and summary["correlation"] == [3, 3]
         assert summary["MLP_irreps"] == "16x0e"
     multihead = hyperparameters(read_model_file(fixture_model("multihead")))
-    assert multihead["interaction_cls"] == "RealAgnosticDensityInteractionBlock".replace("Interaction", "ResidualInteraction")
+    assert multihead["interaction_cls"] == "RealAgnosticDensityResidualInteractionBlock"
     assert multihead["pair_repulsion"] and multihead["distance_transform"] == "AgnesiTransform"
     assert len(multihead["scale"]) == 2

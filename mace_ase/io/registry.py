@@ -50,7 +50,6 @@ LICENCES = {
 DTYPES = ("float32", "float64")
 FAMILY_FUNCTIONS = {"mp": "mace_mp", "off": "mace_off", "omol": "mace_omol", "anicc": "mace_anicc", "demo": "mace_mp"}
 _CHECKSUM = re.compile(r"^(gitsha1:[0-9a-f]{40}|sha256:[0-9a-f]{64})$")
-_PENDING = "sha256:PENDING"  # placeholder for a shipped file whose hash is not filled in yet
 
 
 class CatalogueError(ValueError):
@@ -148,10 +147,10 @@ def _parse_fields(fields: list[str]) -> ModelEntry:
         raise ValueError(f"unknown licence {licence!r} (allowed: {', '.join(LICENCES)})")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
-    if checksum in ("-", _PENDING):
+    if checksum == "-":
         checksum = None
     elif not _CHECKSUM.match(checksum):
-        raise ValueError(f"bad checksum {checksum!r} (gitsha1:<40 hex>, sha256:<64 hex>, {_PENDING} or -)")
+        raise ValueError(f"bad checksum {checksum!r} (gitsha1:<40 hex>, sha256:<64 hex> or -)")
     if "://" in source and not source.startswith("https://"):
         raise ValueError("remote sources must be https:// URLs")
     return ModelEntry(name, family, licence, dtype, checksum, source, **options)

@@ -21,8 +21,9 @@ where the node features :math:`h^{(t)}_i` come from ``T`` message-passing layers
 Forces and stress are derivatives of E. We differentiate with respect to the edge vectors
 :math:`\mathbf r_e = \mathbf x_{\rm receiver} - \mathbf x_{\rm sender} + \mathbf S_e \cdot \mathrm{cell}` and assemble
 :math:`\mathbf F_i = \sum_{e:\,{\rm sender}=i} \partial E/\partial \mathbf r_e - \sum_{e:\,{\rm receiver}=i}
-\partial E/\partial \mathbf r_e` and :math:`\sigma = \frac{1}{V}\,{\rm sym}\sum_e \mathbf r_e \otimes \partial E/\partial
-\mathbf r_e` (equal to mace's symmetric-strain derivative).
+\partial E/\partial \mathbf r_e` and
+:math:`\sigma = \frac{1}{V}\,{\rm sym}\sum_e \mathbf r_e \otimes \partial E/\partial \mathbf r_e` (equal to mace's
+symmetric-strain derivative).
 
 Units: Å in, eV out; forces eV/Å, stress eV/Å³ (ASE sign: positive is tensile).
 
@@ -195,9 +196,9 @@ class RadialEmbedding(nn.Module):
         self.use_agnesi = agnesi is not None
         # Agnesi parameters (q, p, a) and the covalent radii table (Å, indexed by Z)
         self.register_buffer("agnesi", agnesi if agnesi is not None else torch.zeros(3, dtype=bessel_weights.dtype))
-        self.register_buffer(
-            "covalent_radii", covalent_radii if covalent_radii is not None else torch.zeros(1, dtype=bessel_weights.dtype)
-        )
+        if covalent_radii is None:
+            covalent_radii = torch.zeros(1, dtype=bessel_weights.dtype)
+        self.register_buffer("covalent_radii", covalent_radii)  # Å, indexed by Z
 
     def forward(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tuple[Tensor, Tensor]:
         envelope = polynomial_envelope(lengths, self.r_max, self.p)
