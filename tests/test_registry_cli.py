@@ -85,3 +85,11 @@ def test_unknown_names(capsys):
     assert run("path", "nope") == 1 and "Unknown model 'nope'" in capsys.readouterr().err
     assert run("verify", "nope") == 1
     assert run("clear", "nope") == 1
+
+
+def test_info_describes_a_model_without_running_it(model_file, capsys):
+    assert run("info", str(model_file)) == 0
+    out = capsys.readouterr().out
+    assert "RealAgnosticResidualInteractionBlock" in out and "r_max" in out and "16x0e" in out
+    assert run("info", "emt-demo") == 0  # shipped: found without the network
+    assert "32x0e+32x1o" in capsys.readouterr().out

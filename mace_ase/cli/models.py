@@ -1,4 +1,4 @@
-"""``mace-ase models list|download|verify|path|clear``: manage the model catalogue and the local cache.
+"""``mace-ase models list|download|verify|path|clear|info``: manage the model catalogue and the local cache.
 
 Typical HPC use: ``mace-ase models download medium-mpa-0`` on a login node, then ``MACE_ASE_OFFLINE=1`` in jobs.
 """
@@ -33,6 +33,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clear = actions.add_parser("clear", help="delete cached models (all of them by default)")
     clear.add_argument("names", nargs="*", metavar="NAME")
     clear.set_defaults(func=_clear)
+    info = actions.add_parser("info", help="architecture of a model (catalogue name or .model file), read safely")
+    info.add_argument("model", metavar="NAME|PATH")
+    info.set_defaults(func=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from mace_ase.io.model_file import read_model_file
+    from mace_ase.model.build import hyperparameters
+
+    path = args.model if os.path.isfile(args.model) else registry.fetch(args.model)
+    summary = hyperparameters(read_model_file(path))
+    summary["atomic_energies"] = f"{len(summary['atomic_numbers'])} values (eV)"
+    print(f"file: {path}")
+    for key, value in summary.items():
+        print(f"{key:22s} {value}")
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
