@@ -14,9 +14,9 @@ for model in "$@"; do
   for dtype in float32 float64; do
     for round in 1 2; do
       "$ORACLE_PY" "$here/time_calculator.py" --impl mace-torch --model "$model" --dtype "$dtype" --threads "$THREADS" \
-        --atoms $ATOMS --repeat 2 2>/dev/null | sed "s|^{|{\"model\": \"$(basename "$model")\", \"round\": $round, |" >> "$OUT"
+        --atoms $ATOMS --repeat 2 2>/dev/null | grep "^{" | sed "s|^{|{\"model\": \"$(basename "$model")\", \"round\": $round, |" >> "$OUT"
       "$OURS_PY" "$here/time_calculator.py" --impl ours --model "$model" --dtype "$dtype" --threads "$THREADS" \
-        --atoms $ATOMS --repeat 2 2>/dev/null | sed "s|^{|{\"model\": \"$(basename "$model")\", \"round\": $round, |" >> "$OUT"
+        --atoms $ATOMS --repeat 2 2>/dev/null | grep "^{" | sed "s|^{|{\"model\": \"$(basename "$model")\", \"round\": $round, |" >> "$OUT"
     done
   done
 done
