@@ -8,6 +8,7 @@ calculator and returns an ASE SumCalculator (energies, forces and stress are sum
 
 import argparse
 
+from ase.calculators.emt import EMT
 from ase.build import bulk
 
 from mace_ase import mace_mp
@@ -17,12 +18,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="MACE model name or .model path, or 'emt'")
 args = parser.parse_args()
 
-if args.model == "emt":
-    from ase.calculators.emt import EMT
-
-    base = EMT()
-else:
-    base = mace_mp(model=args.model) if args.model else mace_mp()
+base = EMT() if args.model == "emt" else mace_mp(model=args.model)
 
 atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
 atoms.calc = base

@@ -9,6 +9,7 @@ pressure). A progress bar shows steps/s and ns/day on a terminal.
 import argparse
 
 import numpy as np
+from ase.calculators.emt import EMT
 from ase.build import bulk
 
 from mace_ase import mace_mp, run_md
@@ -18,12 +19,7 @@ parser.add_argument("--model", default=None, help="MACE model name or .model pat
 parser.add_argument("--steps", type=int, default=2000)
 args = parser.parse_args()
 
-if args.model == "emt":
-    from ase.calculators.emt import EMT
-
-    calc = EMT()
-else:  # float32 (mace_mp's default) is the fast choice for MD
-    calc = mace_mp(model=args.model) if args.model else mace_mp()
+calc = EMT() if args.model == "emt" else mace_mp(model=args.model)  # mace_mp: float32, fast for MD
 
 atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)  # 108 atoms
 result = run_md(atoms, calc, ensemble="nvt-langevin", temperature_k=600, timestep_fs=2.0, steps=args.steps,

@@ -5,6 +5,7 @@
 
 import argparse
 
+from ase.calculators.emt import EMT
 from ase.build import bulk
 
 from mace_ase import mace_mp, relax
@@ -14,12 +15,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="MACE model name or .model path, or 'emt'")
 args = parser.parse_args()
 
-if args.model == "emt":
-    from ase.calculators.emt import EMT
-
-    calc = EMT()
-else:  # phonons need accurate small force differences: float64
-    calc = mace_mp(model=args.model, default_dtype="float64") if args.model else mace_mp(default_dtype="float64")
+calc = EMT() if args.model == "emt" else mace_mp(model=args.model, default_dtype="float64")
 
 atoms = bulk("Cu", "fcc", a=3.6)
 relax(atoms, calc, cell=True, fmax=1e-4)  # residual forces would show up as spurious modes

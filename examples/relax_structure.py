@@ -6,6 +6,7 @@
 
 import argparse
 
+from ase.calculators.emt import EMT
 from ase.build import bulk
 
 from mace_ase import mace_mp, relax
@@ -14,12 +15,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="MACE model name or .model path, or 'emt'")
 args = parser.parse_args()
 
-if args.model == "emt":
-    from ase.calculators.emt import EMT
-
-    calc = EMT()
-else:  # relaxations want float64 for tight force thresholds
-    calc = mace_mp(model=args.model, default_dtype="float64") if args.model else mace_mp(default_dtype="float64")
+calc = EMT() if args.model == "emt" else mace_mp(model=args.model, default_dtype="float64")
 
 atoms = bulk("Cu", "fcc", a=3.8, cubic=True)  # ~6 % too large
 atoms.rattle(0.02, seed=0)

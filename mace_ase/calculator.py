@@ -82,7 +82,7 @@ class MACECalculator(Calculator):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(default_dtype)
+        self.dtype = resolve_dtype(default_dtype, "default_dtype")
 
         sources = list(model_paths) if isinstance(model_paths, (list, tuple)) else [model_paths]
         if not sources:

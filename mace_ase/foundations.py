@@ -146,8 +146,9 @@ def resolve_model(
 
 
 def _build(function: str, families: Iterable[str], model, device, default_dtype, head, kwargs):
-    if default_dtype not in ("float32", "float64"):
-        raise ValueError(f"default_dtype must be 'float32' or 'float64', not {default_dtype!r}")
+    from mace_ase.model.build import resolve_dtype
+
+    resolve_dtype(default_dtype, "default_dtype")  # a bad dtype fails here, before any download
     path, entry = resolve_model(function, families, model)
     if entry is not None and entry.head is not None:
         if head not in (None, entry.head):

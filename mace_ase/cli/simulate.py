@@ -75,10 +75,7 @@ def load_calculator(model: str | None, device: str | None, dtype: str, d3: bool 
     else:
         from mace_ase.foundations import mace_mp
 
-        kwargs: dict[str, Any] = {"device": device, "default_dtype": dtype}
-        if model is not None:
-            kwargs["model"] = model
-        calc = mace_mp(**kwargs)
+        calc = mace_mp(model=model, device=device, default_dtype=dtype)  # model=None: the default model
     if d3:
         from mace_ase.dispersion import add_d3
 

@@ -515,12 +515,13 @@ def build_model(model_file: ModelFile) -> MACE:
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, argument: str = "dtype") -> torch.dtype:
+    """``"float64"``/``"float32"`` (or the torch dtype) -> torch dtype; ``argument`` names it in the error."""
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if dtype in _DTYPES:
         return _DTYPES[dtype]  # type: ignore[index]
-    raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    raise ValueError(f"{argument} must be 'float64' or 'float32', got {dtype!r}")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
