@@ -548,14 +548,40 @@ class MACE(nn.Module):
         padded_vectors = dummy.expand(n_nodes * neighbours, 3).index_copy(0, place, vectors)
         return padded_vectors, padded_sender
 
+    def graph_energies(self, vectors: Tensor, edge_index: Tensor, species: Tensor, head: int = 0) -> Tensor:
+        """Interaction energy of every node (eV, E0 excluded), in input order, from the graph's edge vectors.
+
+        This is the core every caller shares (ASE calculator, batched evaluation, LAMMPS): a graph given as edge
+        vectors ``[E, 3]`` (Å, ``x_receiver - x_sender`` plus any lattice translation), ``edge_index`` ``[2, E]``
+        (sender, receiver) and the species index of each node. Several structures are one graph with disjoint
+        node sets. Differentiable in ``vectors``.
+        """
+        order, inverse, species_sorted, counts, sender, receiver = self.group_by_element(species, edge_index)
+        padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, species.shape[0])
+        return self.node_energies(padded_vectors, species_sorted, padded_sender, head, counts)[inverse]
+
+    def energy_and_edge_gradients(self, vectors: Tensor, edge_index: Tensor, species: Tensor, head: int = 0,
+                                  node_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Node interaction energies ``[N]`` (eV) and ``dE/d vectors`` ``[E, 3]`` (eV/Å) in one backward pass.
+
+        ``E = sum_i w_i E_i`` with ``node_weights`` ``w`` (default all ones): LAMMPS passes 1 for its local atoms and
+        0 for ghosts, so the pair gradients are those of the local energy. Forces follow as
+        ``F_i = sum_{sender=i} g_e - sum_{receiver=i} g_e`` and the virial as ``sum_e r_e (x) g_e``.
+        """
+        vectors = vectors.detach().requires_grad_(True)
+        node_inter = self.graph_energies(vectors, edge_index, species, head)
+        total = node_inter.sum() if node_weights is None else (node_inter * node_weights).sum()
+        grads = torch.autograd.grad([total], [vectors], allow_unused=True)
+        edge_grad = grads[0]
+        if edge_grad is None:  # no edges at all: isolated atoms
+            edge_grad = torch.zeros_like(vectors)
+        return node_inter.detach(), edge_grad
+
     def interaction_energy(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor,
                            unit_shifts: Tensor, head: int = 0) -> Tensor:
         """Total interaction energy (eV, E0 excluded), differentiable in ``positions`` (e.g. for Hessians)."""
-        order, inverse, species_sorted, counts, sender, receiver = self.group_by_element(species, edge_index)
-        positions_sorted = positions[order]
-        vectors = positions_sorted[receiver] - positions_sorted[sender] + unit_shifts @ cell
-        padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, species.shape[0])
-        return self.node_energies(padded_vectors, species_sorted, padded_sender, head, counts).sum()
+        vectors = positions[edge_index[1]] - positions[edge_index[0]] + unit_shifts @ cell
+        return self.graph_energies(vectors, edge_index, species, head).sum()
 
     def forward(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor, unit_shifts: Tensor,
                 head: int = 0, compute_stress: bool = True) -> Dict[str, Tensor]:
@@ -576,32 +602,23 @@ class MACE(nn.Module):
             (float64 E0 of each atom, eV), ``forces`` ``[N, 3]`` (eV/Å), ``stress`` ``[3, 3]`` (eV/Å³, zeros when
             not computed).
         """
-        order, inverse, species_sorted, species_counts, sender, receiver = self.group_by_element(species, edge_index)
-        positions_sorted = positions[order]
-        vectors = positions_sorted[receiver] - positions_sorted[sender] + unit_shifts @ cell
-        vectors = vectors.detach().requires_grad_(True)
-        padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, species.shape[0])
-        node_inter = self.node_energies(padded_vectors, species_sorted, padded_sender, head, species_counts)
-        node_e0 = self.atomic_energies[head][species_sorted]
+        sender, receiver = edge_index[0], edge_index[1]
+        vectors = positions[receiver] - positions[sender] + unit_shifts @ cell
+        node_inter, edge_grad = self.energy_and_edge_gradients(vectors, edge_index, species, head)
+        node_e0 = self.atomic_energies[head][species]
         energy = node_e0.sum() + node_inter.sum()
-
-        grads = torch.autograd.grad([node_inter.sum()], [vectors], allow_unused=True)
-        edge_grad = grads[0]
-        if edge_grad is None:  # no edges at all: an isolated atom
-            edge_grad = torch.zeros_like(vectors)
-        forces = torch.zeros_like(positions_sorted)
-        forces = forces.index_add(0, sender, edge_grad).index_add(0, receiver, -edge_grad)
+        forces = torch.zeros_like(positions).index_add(0, sender, edge_grad).index_add(0, receiver, -edge_grad)
 
         stress = torch.zeros(3, 3, dtype=positions.dtype, device=positions.device)
         if compute_stress:
-            virial = vectors.detach().transpose(0, 1) @ edge_grad  # sum_e r_e (x) dE/dr_e
+            virial = vectors.transpose(0, 1) @ edge_grad  # sum_e r_e (x) dE/dr_e
             virial = 0.5 * (virial + virial.transpose(0, 1))
             stress = virial / torch.abs(torch.linalg.det(cell))
 
         return {
             "energy": energy.detach(),
-            "node_energy": node_inter.detach()[inverse].to(torch.float64),
-            "atomic_energies": node_e0[inverse].to(torch.float64),
-            "forces": forces[inverse],
+            "node_energy": node_inter.to(torch.float64),
+            "atomic_energies": node_e0.to(torch.float64),
+            "forces": forces,
             "stress": stress,
         }
