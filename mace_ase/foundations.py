@@ -24,7 +24,8 @@ from typing import Any
 
 from ase.units import Bohr
 
-from mace_ase.io.registry import ModelEntry, UnknownModelError, fetch_entry, fetch_url, lookup
+from mace_ase.io.model_file import ModelFileError, directory_message
+from mace_ase.io.registry import ModelEntry, UnknownModelError, fetch_entry, fetch_url, licence_notice, lookup
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,12 @@ def resolve_model(
         entry = lookup(model, families)
     except UnknownModelError:
         path = Path(model).expanduser()
+        if path.is_dir():
+            raise ModelFileError(directory_message(path)) from None
         if path.is_file() or os.sep in model or path.suffix:  # it was meant as a file
             return _existing_file(path), None
         raise
-    return fetch_entry(entry), entry
+    return fetch_entry(entry, notify=False), entry  # the licence is logged once the model has loaded
 
 
 def _build(function: str, families: Iterable[str], model, device, default_dtype, head, kwargs):
@@ -165,10 +168,14 @@ def _build(function: str, families: Iterable[str], model, device, default_dtype,
     # provenance: which model, which verified file (results can be traced back to the exact weights)
     calculator.parameters["model_name"] = entry.name if entry else str(model)
     calculator.parameters["model_file"] = str(path)
+    if entry is not None:
+        licence_notice(entry)  # only now: a model that failed to load is not being used under any licence
     return calculator
 
 
 def _existing_file(path: Path) -> Path:
+    if path.is_dir():
+        raise ModelFileError(directory_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {path}; give a catalogue name (`mace-ase models list`), "
                                 "an existing .model file or an http(s) URL.")

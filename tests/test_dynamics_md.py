@@ -201,3 +201,27 @@ def test_npt_runs_with_fixture_mace_model(mace_calc):
     result = run_md(atoms, mace_calc, ensemble="npt-mtk", temperature_k=100, timestep_fs=1.0, steps=20,
                     pdamp_fs=100, loginterval=5, seed=0, progress=False)
     assert np.isfinite(result.pressures_gpa).all() and result.volumes.std() > 0
+
+
+@pytest.mark.parametrize("temperature", [-10.0, float("nan"), float("inf")])
+def test_negative_or_nonfinite_temperature_is_refused(temperature):
+    atoms = copper(1)
+    before = atoms.positions.copy()
+    with pytest.raises(ValueError, match="temperature_k"):
+        run_md(atoms, EMT(), ensemble="nvt-langevin", temperature_k=temperature, steps=5, progress=False)
+    assert np.array_equal(atoms.positions, before) and not atoms.get_momenta().any()
+
+
+def test_progress_lines_logged_when_not_on_a_terminal(caplog):
+    """Output piped to a file: no tqdm bar, but an INFO line every progress_every steps (and at the end)."""
+    caplog.set_level("INFO", logger="mace_ase.dynamics.md")
+    run_md(copper(1), EMT(), steps=25, loginterval=5, seed=0, progress=None, progress_every=10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MD step ")]
+    assert [line.split()[2] for line in lines] == ["10/25", "20/25", "25/25"]
+    assert "ns/day" in lines[0] and "T = " in lines[0]
+    caplog.clear()
+    run_md(copper(1), EMT(), steps=100, loginterval=5, seed=0, progress=None)  # default: about 20 lines
+    assert len([r for r in caplog.records if r.getMessage().startswith("MD step ")]) == 20
+    caplog.clear()
+    run_md(copper(1), EMT(), steps=10, seed=0, progress=False)
+    assert not [r for r in caplog.records if r.getMessage().startswith("MD step ")]

@@ -135,6 +135,7 @@ def run_md(
     init_velocities: bool | None = None,
     watchdog: Watchdog | None = DEFAULT_WATCHDOG,
     callback: Callable[[MDResult], None] | None = None,
+    progress_every: int | None = None,
 ) -> MDResult:
     """Run molecular dynamics on ``atoms`` (in place) and return the logged series.
 
@@ -153,8 +154,9 @@ def run_md(
         loginterval: steps between logged rows, trajectory frames and progress updates.
         seed: seeds the initial velocities and the stochastic thermostats (an int or a
             ``numpy.random.Generator``); ``None`` draws fresh entropy.
-        progress: show a tqdm bar (steps/s, ns/day, T); ``None`` shows it only on a terminal
-            or in a Jupyter notebook.
+        progress: ``True``: a tqdm bar (steps/s, ns/day, T); ``False``: no progress report;
+            ``None`` (default): the bar on a terminal or in a Jupyter notebook, otherwise (output
+            piped to a file, batch jobs) one INFO log line every ``progress_every`` steps.
         logfile: text file with one row per log step (columns as ``SERIES_HEADER``).
         tdamp_fs: thermostat time constant, fs (Langevin friction is ``1/tdamp_fs``).
         pdamp_fs: barostat time constant, fs.
@@ -164,6 +166,8 @@ def run_md(
             second call continues the first.
         watchdog: bounds that stop the run (:class:`Watchdog`); ``None`` switches it off.
         callback: called with the result so far at every log step (e.g. for live plots).
+        progress_every: steps between progress log lines when not on a terminal; ``None`` picks
+            about 20 lines per run (a multiple of ``loginterval``, at least ``loginterval``).
 
     Returns:
         :class:`MDResult` with ``times_ps``, ``temperatures``, ``potential_energies``,
@@ -173,8 +177,8 @@ def run_md(
         WatchdogStop: a bound was crossed. The atoms are reset to the last good frame, which
             is also written next to the trajectory (``name.last_good.traj``), and the
             exception carries the partial result.
-        ValueError: unknown ensemble, constraints the integrator cannot honour, or a pressure
-            given to a constant-volume ensemble.
+        ValueError: unknown ensemble, constraints the integrator cannot honour, a pressure
+            given to a constant-volume ensemble, or a negative (or non-finite) temperature.
     """
     spec = get_ensemble(ensemble)
     if calc is not None:
@@ -183,6 +187,11 @@ def run_md(
         raise ValueError("The atoms have no calculator: pass calc=... or set atoms.calc first.")
     if steps < 0 or loginterval < 1:
         raise ValueError(f"Need steps >= 0 and loginterval >= 1, got steps={steps}, loginterval={loginterval}.")
+    if not (np.isfinite(temperature_k) and temperature_k >= 0):  # also refuses nan
+        raise ValueError(f"temperature_k={temperature_k} K: a temperature must be finite and >= 0 K (kelvin, "
+                         "not degrees Celsius).")
+    if progress_every is not None and progress_every < 1:
+        raise ValueError(f"progress_every must be >= 1, got {progress_every}.")
     if pressure_gpa is not None and not spec.barostat:
         raise ValueError(
             f"pressure_gpa={pressure_gpa} has no effect in {ensemble!r} (constant volume); "
@@ -219,6 +228,8 @@ def run_md(
         bar = _progress_bar(steps, progress)
         if bar is not None:
             files.callback(bar.close)
+        line_every = _progress_line_interval(steps, loginterval, progress_every) if (
+            progress is None and bar is None) else None
         series = _Series(logfile=log_handle)
         last_good = atoms.copy()
         start = time.perf_counter()
@@ -243,6 +254,8 @@ def run_md(
                     bar.set_postfix_str(_rates(bar, timestep_fs) + f", T={row[1]:.0f} K", refresh=False)
                 if callback is not None:
                     callback(result())
+            if line_every is not None and done > 0 and (done % line_every == 0 or done == steps):
+                _log_progress(done, steps, timestep_fs, atoms, time.perf_counter() - start)
             if bar is not None and done > 0:
                 bar.update(1)
     final = result()
@@ -288,6 +301,33 @@ def _progress_bar(steps: int, progress: bool | None):
     from tqdm.auto import tqdm  # imported here so that Jupyter is detected at run time
 
     return tqdm(total=steps, unit="step", desc="MD", dynamic_ncols=True)
+
+
+def _progress_line_interval(steps: int, loginterval: int, progress_every: int | None) -> int:
+    if progress_every is not None:
+        return progress_every
+    return max(loginterval, -(-steps // 20 // loginterval) * loginterval)  # ~20 lines, multiple of loginterval
+
+
+def _log_progress(done: int, steps: int, timestep_fs: float, atoms: Atoms, elapsed_s: float) -> None:
+    """One progress line for logs (the bar's content when no terminal shows the bar)."""
+    rate = done / elapsed_s if elapsed_s > 0 else float("nan")  # steps per second
+    remaining = (steps - done) / rate if rate > 0 else float("nan")
+    log.info(
+        "MD step %d/%d (%.0f%%): t = %.4g ps, T = %.1f K, Epot = %.6g eV, %.3g ns/day, %.3g steps/s, %s left",
+        done, steps, 100.0 * done / max(steps, 1), done * timestep_fs * 1e-3, atoms.get_temperature(),
+        atoms.get_potential_energy(), rate * timestep_fs * 86400 * 1e-6, rate, _duration(remaining),
+    )
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _rates(bar, timestep_fs: float) -> str:

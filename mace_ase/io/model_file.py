@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelFileError", "PickledObject", "FunctionRef", "ModelFile", "read_model_file"]
+__all__ = ["ModelFileError", "PickledObject", "FunctionRef", "ModelFile", "read_model_file", "directory_message"]
 
 
 class ModelFileError(ValueError):
@@ -362,6 +362,19 @@ def _unpickle(archive: zipfile.ZipFile, pickle_name: str) -> Any:
     return _RestrictedUnpickler(io.BytesIO(archive.read(pickle_name)), load_storage).load()
 
 
+def directory_message(path: str | os.PathLike) -> str:
+    """What to tell a user who passed a directory where a ``.model`` file was expected."""
+    path = os.fspath(path)
+    try:
+        inside = sorted(name for name in os.listdir(path) if name.endswith(".model"))
+    except OSError:
+        inside = []
+    hint = (f" It holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}; pass one of those, e.g. "
+            f"{os.path.join(path, inside[0])!r}." if inside else " It holds no .model file.")
+    return (f"{path!r} is a directory, not a model file: pass the path of a .model file (or, to mace_mp() and "
+            f"friends, a catalogue name from `mace-ase models list`).{hint}")
+
+
 def read_model_file(path: str | os.PathLike) -> ModelFile:
     """Read an official MACE ``.model`` file without executing anything from it.
 
@@ -376,6 +389,8 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
             the classes a MACE model is made of (for example a pickle payload calling ``os.system``).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ModelFileError(directory_message(path))
     if not os.path.isfile(path):
         raise ModelFileError(f"model file {path!r} does not exist")
     try:

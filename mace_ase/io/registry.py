@@ -364,9 +364,19 @@ def fetch(name: str) -> Path:
     return fetch_entry(lookup(name))
 
 
-def fetch_entry(entry: ModelEntry) -> Path:
-    """Like ``fetch`` for a ``ModelEntry`` (which need not come from the shipped catalogue)."""
-    licence_notice(entry)
+def fetch_entry(entry: ModelEntry, notify: bool = True) -> Path:
+    """Like ``fetch`` for a ``ModelEntry`` (which need not come from the shipped catalogue).
+
+    ``notify``: log the licence terms (once per process) after a successful fetch; callers that go on to load the
+    model pass False and call :func:`licence_notice` once the load has succeeded.
+    """
+    path = _fetch_entry(entry)
+    if notify:
+        licence_notice(entry)
+    return path
+
+
+def _fetch_entry(entry: ModelEntry) -> Path:
     what = f"model {entry.name!r}"
     if entry.is_local:
         path = models_dir() / entry.source
