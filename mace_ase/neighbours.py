@@ -17,30 +17,54 @@ from matscipy.neighbours import neighbour_list as _matscipy_neighbour_list
 __all__ = ["neighbour_list"]
 
 
-def _cell_for_search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
-    """matscipy needs a non-singular cell; along non-periodic directions any box larger than the system works.
+def _search_frame(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and cell for matscipy, which needs a non-singular cell and bins atoms inside it.
 
-    The box vector along a non-periodic direction is chosen perpendicular to the periodic ones and longer than the
-    extent of the atoms plus the cutoff, so that no spurious image can come within the cutoff.
+    Along each non-periodic direction the box vector is a unit vector perpendicular to the periodic lattice vectors
+    (and to the other box vectors), ``spread + 2 * cutoff`` long, where ``spread`` is the extent of the atoms along
+    it; the atoms are translated so that they start ``cutoff`` inside the box. The search cost therefore depends on
+    the size of the structure, not on where it sits (a molecule 1e4 Å from the origin costs what it costs at the
+    origin). A common translation changes no pair vector and no lattice shift, so the result is the same graph.
+    Without periodicity in a direction no image is made, so the box length there only has to hold the atoms.
     """
     if pbc.all():
-        return cell
-    extent = float(np.abs(positions).max(initial=0.0)) + 1.0
-    length = 5.0 * (extent + cutoff)
+        return positions, cell
     box = np.array(cell, dtype=np.float64)
-    periodic = [box[k] for k in range(3) if pbc[k]]
+    basis = [box[k] for k in range(3) if pbc[k]]  # the new box vectors must be perpendicular to all of these
+    translation = np.zeros(3)
     for k in range(3):
         if pbc[k]:
             continue
-        direction = np.eye(3)[k]
-        for vector in periodic:  # make it perpendicular to the periodic lattice vectors (Gram-Schmidt)
-            unit = vector / np.linalg.norm(vector)
+        direction = _orthogonal_direction(k, basis)
+        heights = positions @ direction
+        low, high = (float(heights.min()), float(heights.max())) if len(heights) else (0.0, 0.0)
+        box[k] = (high - low + 2.0 * cutoff) * direction
+        translation += (cutoff - low) * direction
+        basis.append(direction)
+    return positions + translation, box
+
+
+def _orthogonal_direction(k: int, basis: list[np.ndarray]) -> np.ndarray:
+    """A unit vector perpendicular to every vector in ``basis``: the Cartesian axis ``k`` made perpendicular
+    (Gram-Schmidt), or the axis that keeps most of its length when axis ``k`` lies in their span."""
+    orthonormal: list[np.ndarray] = []
+    for vector in basis:
+        for unit in orthonormal:
+            vector = vector - vector.dot(unit) * unit
+        if np.linalg.norm(vector) > 1e-8:
+            orthonormal.append(vector / np.linalg.norm(vector))
+
+    def residual(axis: int) -> np.ndarray:
+        direction = np.eye(3)[axis]
+        for unit in orthonormal:
             direction = direction - direction.dot(unit) * unit
-        if np.linalg.norm(direction) < 1e-8:  # e_k lies in the periodic plane: take the normal of that plane
-            direction = np.cross(periodic[0], periodic[1]) if len(periodic) == 2 else np.eye(3)[(k + 1) % 3]
-        box[k] = length * direction / np.linalg.norm(direction)
-        periodic.append(box[k])
-    return box
+        return direction
+
+    direction = residual(k)
+    if np.linalg.norm(direction) < 1e-3:
+        direction = max((residual(axis) for axis in range(3)), key=np.linalg.norm)
+    return direction / np.linalg.norm(direction)
 
 
 def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
@@ -61,9 +85,9 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     if pbc.any() and np.linalg.matrix_rank(cell[pbc], tol=1e-8) < pbc.sum():
         raise ValueError(f"the cell {cell.tolist()} is degenerate along its periodic directions {pbc.tolist()}")
-    search_cell = _cell_for_search(positions, cell, pbc, cutoff)
+    search_positions, search_cell = _search_frame(positions, cell, pbc, float(cutoff))
     sender, receiver, shifts = _matscipy_neighbour_list(
-        "ijS", positions=positions, cell=search_cell, pbc=pbc, cutoff=float(cutoff)
+        "ijS", positions=search_positions, cell=search_cell, pbc=pbc, cutoff=float(cutoff)
     )
     keep = ~((sender == receiver) & ~shifts.any(axis=1))
     edge_index = np.stack([sender[keep], receiver[keep]]).astype(np.int64)
