@@ -26,6 +26,7 @@ from ase.units import Bohr
 
 from mace_ase.io.model_file import ModelFileError, directory_message
 from mace_ase.io.registry import ModelEntry, UnknownModelError, fetch_entry, fetch_url, licence_notice, lookup
+from mace_ase.options import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,35 @@ class _DefaultModel(str):
 
 _DEFAULT = {function: _DefaultModel(history[-1][1]) for function, history in DEFAULT_MODELS.items()}
 
+# Which catalogue families (models/registry.txt) each function accepts; the catalogue itself names no function.
+FUNCTION_FAMILIES: dict[str, tuple[str, ...]] = {
+    "mace_mp": ("mp", "demo"),
+    "mace_off": ("off",),
+    "mace_omol": ("omol",),
+    "mace_anicc": ("anicc",),
+}
+FAMILY_FUNCTIONS: dict[str, str] = {family: function for function, families in FUNCTION_FAMILIES.items()
+                                    for family in families}
+
+
+def function_for(entry: ModelEntry) -> str:
+    """The name of the function that loads catalogue ``entry`` (``"mace_off"`` for an ``off``-family model)."""
+    return FAMILY_FUNCTIONS[entry.family]
+
+
+def default_dtype_for(function: str, entry: ModelEntry | None) -> str:
+    """The dtype used when the caller gives none: the catalogue's for ``entry``, else (a path or URL) the catalogue's
+    for the function's default model. So mace_mp models run in float32 and the others in float64, as in mace-torch,
+    and the catalogue's dtype column is the one place that says so."""
+    if entry is None:
+        entry = lookup(_DEFAULT[function], FUNCTION_FAMILIES[function])
+    return entry.dtype
+
 
 def mace_mp(
     model: str | os.PathLike | None = _DEFAULT["mace_mp"],
     device: str | None = None,
-    default_dtype: str = "float32",
+    default_dtype: str | None = None,
     dispersion: bool = False,
     damping: str = "bj",
     dispersion_xc: str = "pbe",
@@ -63,7 +88,10 @@ def mace_mp(
         model: catalogue name of family ``mp`` (default ``"medium-mpa-0"``, MIT licence; OMAT, MATPES and MH models
             are ASL: non-commercial), or ``"emt-demo"``, a local file path, or an http(s) URL.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; None picks ``"cuda"`` when available, else ``"cpu"``.
-        default_dtype: ``"float32"`` (fast; fine for MD) or ``"float64"`` (relaxations, phonons, Hessians).
+        default_dtype: ``"float32"`` (fast; fine for MD) or ``"float64"`` (relaxations, phonons, Hessians); None
+            (the default) takes the model's dtype from the catalogue: float32 for every ``mp`` model, as mace-torch's
+            ``mace_mp``; for a path or URL, that of the default model (float32). ``mace_off``, ``mace_omol`` and
+            ``mace_anicc`` default to float64 the same way.
         dispersion: add Grimme D3 (``mace_ase.dispersion``); must be a real bool.
         damping: D3 damping (``"bj"``, ``"zero"``, ...), only with ``dispersion=True``.
         dispersion_xc: functional whose D3 parameters are used, only with ``dispersion=True``.
@@ -76,7 +104,7 @@ def mace_mp(
     """
     if not isinstance(dispersion, bool):
         raise TypeError(f"dispersion must be True or False, not {dispersion!r} ({type(dispersion).__name__})")
-    calculator = _build("mace_mp", ("mp", "demo"), model, device, default_dtype, head, kwargs)
+    calculator = _build("mace_mp", FUNCTION_FAMILIES["mace_mp"], model, device, default_dtype, head, kwargs)
     if not dispersion:
         return calculator
     from mace_ase.dispersion import add_d3
@@ -87,7 +115,7 @@ def mace_mp(
 def mace_off(
     model: str | os.PathLike | None = _DEFAULT["mace_off"],
     device: str | None = None,
-    default_dtype: str = "float64",
+    default_dtype: str | None = None,
     head: str | None = None,
     **kwargs: Any,
 ):
@@ -96,27 +124,27 @@ def mace_off(
     ``model``: ``"small"``, ``"medium"`` (default), ``"large"`` (MACE-OFF23), another ``off`` catalogue name
     (``"off24-medium"``), a local path or an http(s) URL. Other arguments as for ``mace_mp``.
     """
-    return _build("mace_off", ("off",), model, device, default_dtype, head, kwargs)
+    return _build("mace_off", FUNCTION_FAMILIES["mace_off"], model, device, default_dtype, head, kwargs)
 
 
 def mace_omol(
     model: str | os.PathLike | None = _DEFAULT["mace_omol"],
     device: str | None = None,
-    default_dtype: str = "float64",
+    default_dtype: str | None = None,
     **kwargs: Any,
 ):
     """MACE-OMOL-0 (OMol25 molecules, ASL licence), always with head ``"omol"``. Other arguments as for ``mace_mp``."""
-    return _build("mace_omol", ("omol",), model, device, default_dtype, "omol", kwargs)
+    return _build("mace_omol", FUNCTION_FAMILIES["mace_omol"], model, device, default_dtype, "omol", kwargs)
 
 
 def mace_anicc(
     model: str | os.PathLike | None = _DEFAULT["mace_anicc"],
     device: str | None = None,
-    default_dtype: str = "float64",
+    default_dtype: str | None = None,
     **kwargs: Any,
 ):
     """The ANI-500k coupled-cluster MACE model (H, C, N, O; MIT licence). Other arguments as for ``mace_mp``."""
-    return _build("mace_anicc", ("anicc",), model, device, default_dtype, None, kwargs)
+    return _build("mace_anicc", FUNCTION_FAMILIES["mace_anicc"], model, device, default_dtype, None, kwargs)
 
 
 def resolve_model(
@@ -138,29 +166,31 @@ def resolve_model(
         return fetch_url(model), None
     try:
         entry = lookup(model, families)
-    except UnknownModelError:
+    except UnknownModelError as exc:
         path = Path(model).expanduser()
         if path.is_dir():
             raise ModelFileError(directory_message(path)) from None
         if path.is_file() or os.sep in model or path.suffix:  # it was meant as a file
             return _existing_file(path), None
+        if exc.entry is not None and exc.entry.family in FAMILY_FUNCTIONS:  # a name of another function
+            raise UnknownModelError(f"{function}() does not take {model!r}: it is a model of family "
+                                    f"{exc.entry.family!r}, use {function_for(exc.entry)}(model={model!r}).",
+                                    exc.entry) from None
         raise
     return fetch_entry(entry, notify=False), entry  # the licence is logged once the model has loaded
 
 
 def _build(function: str, families: Iterable[str], model, device, default_dtype, head, kwargs):
-    from mace_ase.model.build import resolve_dtype
-
-    resolve_dtype(default_dtype, "default_dtype")  # a bad dtype fails here, before any download
+    if default_dtype is not None:
+        resolve_dtype(default_dtype, "default_dtype")  # a bad dtype fails here, before any download
     path, entry = resolve_model(function, families, model)
+    if default_dtype is None:
+        default_dtype = default_dtype_for(function, entry)
     if entry is not None and entry.head is not None:
         if head not in (None, entry.head):
             raise ValueError(f"model {entry.name!r} must be used with head {entry.head!r}, not {head!r}")
         head = entry.head
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     from mace_ase.calculator import MACECalculator
 
     log.info("%s: model %s (%s) on %s in %s", function, entry.name if entry else model, path, device, default_dtype)

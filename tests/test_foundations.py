@@ -11,7 +11,7 @@ import pytest
 from conftest import place_as_cached
 
 from mace_ase import foundations
-from mace_ase.io import registry
+from mace_ase.io import catalogue, registry
 
 
 class FakeCalculator:
@@ -71,10 +71,33 @@ def test_mace_off_alias_and_offline_message(environment):
         foundations.mace_off("large", device="cpu")
 
 
-def test_mace_omol_forces_its_head(environment, model_file):
-    place_as_cached(environment, "omol-0-extra-large", model_file)
-    calc = foundations.mace_omol(device="cpu")
+def test_mace_omol_is_refused_before_the_cache_is_looked_at(environment, model_file):
+    place_as_cached(environment, "omol-0-extra-large", model_file)  # even a cached copy is not used
+    with pytest.raises(registry.UnsupportedModelError, match="mace-ase cannot run it: its charge/spin"):
+        foundations.mace_omol(device="cpu")
+
+
+def test_mace_omol_forces_its_head_on_a_file(model_file):
+    calc = foundations.mace_omol(model_file, device="cpu")
     assert calc.head == "omol" and calc.default_dtype == "float64"
+
+
+def test_default_dtype_comes_from_the_catalogue(environment, model_file):
+    place_as_cached(environment, "small", model_file)
+    place_as_cached(environment, "off23-small", model_file)
+    assert foundations.mace_mp("small", device="cpu").default_dtype == registry.lookup("small").dtype == "float32"
+    assert foundations.mace_mp("emt-demo", device="cpu").default_dtype == "float32"  # as every mace_mp model
+    assert foundations.mace_mp(model_file, device="cpu").default_dtype == "float32"  # a path: the default's
+    assert foundations.mace_off(model_file, device="cpu").default_dtype == "float64"
+    assert foundations.mace_anicc(model_file, device="cpu").default_dtype == "float64"
+    assert foundations.mace_mp("small", device="cpu", default_dtype="float64").default_dtype == "float64"
+
+
+def test_every_catalogue_family_has_a_function():
+    assert set(foundations.FAMILY_FUNCTIONS) == set(catalogue.FAMILIES)
+    for entry in registry.catalogue().values():
+        function = foundations.function_for(entry)
+        assert registry.lookup(entry.alias or entry.name, foundations.FUNCTION_FAMILIES[function]) is entry
 
 
 def test_errors_before_any_download():

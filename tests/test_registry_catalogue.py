@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mace_ase.io import registry
-from mace_ase.io.registry import CatalogueError, UnknownModelError, parse_catalogue
+from mace_ase.io import catalogue, registry
+from mace_ase.io.registry import CatalogueError, UnknownModelError, UnsupportedModelError, parse_catalogue
 
 MP = "https://github.com/ACEsuit/mace-mp/releases/download"
 MF = "https://github.com/ACEsuit/mace-foundations/releases/download"
@@ -90,6 +90,8 @@ LINE = "m  mp MIT float32 -  https://example.org/a/m.model"
     (LINE.replace(" mp ", " xx "), "unknown family"),
     (LINE.replace("https", "http"), "https://"),
     (LINE + " colour=red", "unknown option"),
+    (LINE + " unsupported=why", "go together"),
+    (LINE + " instead=that", "go together"),
     (LINE + "\n" + LINE, "duplicate name 'm'"),
     (LINE + "\n" + LINE.replace("m ", "n ", 1), "file name 'm.model' is also used by 'm'"),
     ("m mp MIT float32 - 'unclosed", "No closing quotation"),
@@ -108,13 +110,33 @@ def test_parser_options_and_placeholders():
     )
     assert entries["a"].checksum is None and entries["a"].is_local and entries["a"].file_name == "local.model"
     assert entries["b"].alias == "bee" and entries["b"].head == "h" and entries["b"].checksum == f"gitsha1:{'a' * 40}"
+    assert entries["a"].supported and entries["b"].supported
+
+
+def test_unsupported_option_gives_the_reason_and_the_alternative():
+    entries = parse_catalogue('u mp MIT float32 - https://x.org/u.model unsupported="its gizmo blocks are not '
+                              'implemented" instead="the model v"\n')
+    entry = entries["u"]
+    assert not entry.supported
+    with pytest.raises(UnsupportedModelError, match="'u'.*its gizmo blocks are not implemented.*use the model v"):
+        entry.check_supported()
+
+
+def test_models_mace_ase_cannot_run_are_marked_and_say_what_to_use():
+    unsupported = {name: entry for name, entry in registry.catalogue().items() if not entry.supported}
+    assert set(unsupported) == {"mh-0", "mh-1", "omol-0-extra-large"}
+    for name in ("mh-0", "mh-1"):
+        assert "non-linear interaction" in unsupported[name].unsupported and "medium-omat-0" in unsupported[name].instead
+    omol = unsupported["omol-0-extra-large"]
+    assert "charge/spin" in omol.unsupported and "mace_off" in omol.instead and "mace_omol" in omol.instead
 
 
 def test_lookup_errors_list_choices_and_point_to_the_right_function():
     with pytest.raises(UnknownModelError, match="Available: .*medium-mpa-0"):
         registry.lookup("medium-mpa-1")
-    with pytest.raises(UnknownModelError, match=r"use mace_mp\(model='small-0b'\)"):
+    with pytest.raises(UnknownModelError, match="It is a model of family 'mp'") as info:
         registry.lookup("small-0b", ["off"])
+    assert info.value.entry is registry.lookup("small-0b")  # so that foundations can name the right function
     with pytest.raises(UnknownModelError):
         registry.lookup("extra_large")  # aliases only count within their family's function
 
@@ -124,7 +146,7 @@ def test_catalogue_found_in_a_wheel_layout(tmp_path, monkeypatch):
     (package / "io").mkdir(parents=True)
     (package / "_models").mkdir()
     (package / "_models" / "registry.txt").write_text(LINE + "\n")
-    monkeypatch.setattr(registry, "__file__", str(package / "io" / "registry.py"))
+    monkeypatch.setattr(catalogue, "__file__", str(package / "io" / "catalogue.py"))
     assert registry.models_dir() == package / "_models"
     (package / "_models" / "registry.txt").unlink()
     with pytest.raises(FileNotFoundError, match="reinstall"):

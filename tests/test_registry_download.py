@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mace_ase.io import download as download_module
-from mace_ase.io import registry
+from mace_ase.io import integrity, registry
 from mace_ase.io.registry import DownloadError, IntegrityError, ModelEntry, OfflineError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
@@ -208,6 +208,37 @@ def test_licence_notice_logged_once(server, isolated, model_bytes, caplog):
     assert len(notices) == 1 and notices[0].levelname == "WARNING"
 
 
+def test_models_mace_ase_cannot_run_are_refused_without_a_request(server, isolated, monkeypatch, model_bytes,
+                                                                  capsys):
+    """mh-0/mh-1/omol: refused before any download, even where a mirror would serve them (issue 12, defect 3)."""
+    import argparse
+
+    from mace_ase import foundations
+    from mace_ase.cli import models as models_cli
+
+    names = ["mh-0", "mh-1", "omol-0-extra-large"]
+    for name in names:
+        server.routes[f"/mirror/{registry.lookup(name).file_name}"] = [("ok", model_bytes)]
+    monkeypatch.setenv("MACE_ASE_MIRROR", f"{server.url}/mirror/")
+    for name in names:
+        with pytest.raises(registry.UnsupportedModelError, match=f"'{name}'.*cannot run it.*Instead, use"):
+            registry.fetch(name)
+    with pytest.raises(registry.UnsupportedModelError, match="charge/spin.*mace_off"):
+        foundations.mace_omol()  # its default model
+    with pytest.raises(registry.UnsupportedModelError, match="non-linear interaction.*medium-omat-0"):
+        foundations.mace_mp("mh-1", device="cpu")
+
+    parser = argparse.ArgumentParser(prog="mace-ase")
+    models_cli.register(parser.add_subparsers())
+    for argv in (["info", "mh-1"], ["download", "mh-1"]):
+        args = parser.parse_args(["models", *argv])
+        assert args.func(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: Model 'mh-1'") and "Traceback" not in err and "Nothing was downloaded" in err
+    assert server.hits == {}  # not one request
+    assert not isolated.exists() or not any(isolated.iterdir())
+
+
 # ------------------------------------------------------------------------------------------------------- failures
 
 
@@ -337,7 +368,7 @@ def _race(entry: ModelEntry, results) -> None:
 
 def test_three_processes_download_once_and_all_succeed(server, isolated, model_bytes, monkeypatch):
     # the children are forked: keep torch (used by the model reader, tested elsewhere) out of them
-    monkeypatch.setattr(registry, "_read_with_model_reader", lambda path: None)
+    monkeypatch.setattr(integrity, "_read_with_model_reader", lambda path: None)
     server.routes["/files/tiny.model"] = [("trickle", model_bytes, 0.08)]
     entry = entry_for(server)
     context = multiprocessing.get_context("fork")

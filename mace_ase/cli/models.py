@@ -42,8 +42,12 @@ def _info(args: argparse.Namespace) -> int:
     from mace_ase.io.model_file import read_model_file
     from mace_ase.model.build import hyperparameters
 
-    path = args.model if os.path.isfile(args.model) else registry.fetch(args.model)
-    summary = hyperparameters(read_model_file(path))
+    try:  # an unsupported catalogue model is refused here, before anything is downloaded
+        path = args.model if os.path.isfile(args.model) else registry.fetch(args.model)
+        summary = hyperparameters(read_model_file(path))
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     summary["atomic_energies"] = f"{len(summary['atomic_numbers'])} values (eV)"
     print(f"file: {path}")
     for key, value in summary.items():
@@ -52,12 +56,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from mace_ase.foundations import DEFAULT_MODELS
+    from mace_ase.foundations import DEFAULT_MODELS, FUNCTION_FAMILIES
 
     defaults = set()
     for function, history in DEFAULT_MODELS.items():
-        families = [family for family, owner in registry.FAMILY_FUNCTIONS.items() if owner == function]
-        defaults.add(registry.lookup(history[-1][1], families).name)
+        defaults.add(registry.lookup(history[-1][1], FUNCTION_FAMILIES[function]).name)
     own = registry.cache_dir()
     rows = [("NAME", "FAMILY", "LICENCE", "SIZE", "CACHED")]
     for entry in registry.catalogue().values():
@@ -68,13 +71,14 @@ def _list(args: argparse.Namespace) -> int:
             where = "shipped"
         else:
             where = "yes" if path.parent == own else f"shared: {path.parent}"
-        marker = " *" if entry.name in defaults else ""
+        marker = (" *" if entry.name in defaults else "") + ("" if entry.supported else " !")
         size = _human_size(path.stat().st_size) if path else "-"
         rows.append((entry.name + marker, entry.family, entry.licence, size, where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
-    print(f"\n* default model of its function. Cache: {own}"
+    print("\n! mace-ase cannot run it (`mace-ase models info NAME` says why and what to use instead)")
+    print(f"* default model of its function. Cache: {own}"
           + (" (MACE_ASE_CACHE_DIR)" if os.environ.get("MACE_ASE_CACHE_DIR") else ""))
     if registry.shared_cache_dirs():
         print("Shared (read-only): " + ", ".join(map(str, registry.shared_cache_dirs())))
