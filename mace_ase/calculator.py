@@ -12,6 +12,7 @@ dtype, run the model (energy, forces and the strain derivative in one backward p
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Sequence
@@ -48,7 +49,9 @@ class MACECalculator(Calculator):
     Args:
         model_paths: path of an official ``.model`` file, a list of paths (a committee: results are averaged and
             their variances stored as ``energy_var``, ``forces_var``, ``stress_var``), or an already loaded
-            :class:`~mace_ase.model.mace.MACE` module (or a list of them).
+            :class:`~mace_ase.model.mace.MACE` module (or a list of them). A module passed in is never changed:
+            it is used as it is when it already has this device and dtype (and is in eval mode), else a copy is
+            converted, so one module can serve several calculators of different dtypes or devices.
         device: ``"cpu"``, ``"cuda"``/``"cuda:N"``; ``None`` picks CUDA when available.
         default_dtype: ``"float64"`` or ``"float32"`` (float64 weights rounded to float32, as mace-torch does).
             Torch's global default dtype is never changed.
@@ -105,7 +108,13 @@ class MACECalculator(Calculator):
         if isinstance(source, (str, os.PathLike)):
             return load_model(source, device=self.device, dtype=self.dtype)
         if isinstance(source, MACE):
-            return source.to(device=self.device, dtype=self.dtype).eval()
+            # never convert the caller's module in place: another calculator may be using it
+            tensors = [*source.parameters(), *source.buffers()]
+            floating = [t for t in tensors if t.is_floating_point()]
+            if (not source.training and all(t.device == self.device for t in tensors)
+                    and all(t.dtype == self.dtype for t in floating)):
+                return source
+            return copy.deepcopy(source).to(device=self.device, dtype=self.dtype).eval()
         raise TypeError("model_paths must be a path, a list of paths or a loaded MACE model, not "
                         f"{type(source).__name__}")
 
