@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from mace_ase.io.model_file import FunctionRef, ModelFile, ModelFileError, PickledObject, read_model_file
+from mace_ase.options import resolve_device, resolve_dtype  # noqa: F401 (resolve_dtype: also imported from here)
 from mace_ase.model.mace import (
     MACE,
     ConvolutionPath,
@@ -38,7 +40,8 @@ from mace_ase.model.mace import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UnsupportedModelError", "hyperparameters", "build_model", "load_model", "export_torchscript", "Irreps"]
+__all__ = ["Architecture", "UnsupportedModelError", "hyperparameters", "read_architecture", "build_model", "load_model",
+           "export_torchscript", "Irreps"]
 
 Irreps = list  # list of (mul, l, parity) triples
 
@@ -166,19 +169,7 @@ def _activation_scale(act: PickledObject) -> float:
     function = act.get("f")
     if not (isinstance(function, FunctionRef) and function.qualname in _SILU):
         raise UnsupportedModelError(f"activation {function!r} is not supported (only SiLU)")
-    if act.get("_is_id", False):  # e3nn skips the multiplication when the constant is within 1e-4 of 1
-        return 1.0
-    # every e3nn normalize2mom stores `cst` (computed at construction from seeded normals): never recompute or guess
-    return float(_required(act, "cst"))
-
-
-def _required(record: PickledObject, name: str) -> Any:
-    """Attribute ``name`` of ``record``; a ModelFileError naming it when the file lacks it (no silent default)."""
-    value = record.get(name)
-    if value is None:
-        raise ModelFileError(f"{record.short_class_name} has no attribute {name!r}, which the architecture needs; "
-                             "the file is incomplete or was not written by mace-torch")
-    return value
+    return float(act.get("cst", 1.0))
 
 
 def build_species_linear(record: PickledObject, path: str) -> SpeciesLinear:
@@ -256,7 +247,7 @@ def build_interaction(record: PickledObject, path: str, apply_cutoff: bool) -> I
         skip=build_species_linear(record.module("skip_tp"), path),
         residual=residual,
         density_weight=density_weight,
-        avg_num_neighbors=float(_required(record, "avg_num_neighbors")),  # every mace version stores it
+        avg_num_neighbors=float(record.get("avg_num_neighbors", 1.0)),
         apply_cutoff=apply_cutoff,
         input_dims=[2 * l + 1 for _, l, _ in parse_irreps(record.module("conv_tp").get("irreps_in1"))],
     )
@@ -355,22 +346,6 @@ def _scalar_weight(record: PickledObject, path: str) -> torch.Tensor:
     return blocks[(0, 0)]
 
 
-def _readout_layers(root: PickledObject, n_readouts: int, n_layers: int, path: str) -> list[int]:
-    """Which layer each readout reads: one readout per layer, or a single one on the last layer.
-
-    mace decides by the count (one readout: the last layer's features; else readout t reads layer t); files with
-    ``use_last_readout_only`` say which they meant, older ones lack the attribute and have one readout per layer.
-    """
-    last_only = root.get("use_last_readout_only")
-    expected = {1, n_layers} if last_only is None else {1 if last_only else n_layers}
-    if n_readouts not in expected:
-        raise ModelFileError(
-            f"{path!r}: {n_readouts} readouts for {n_layers} interaction layers (use_last_readout_only="
-            f"{last_only}); expected {' or '.join(map(str, sorted(expected)))}: the file is inconsistent"
-        )
-    return [n_layers - 1] if n_readouts == 1 else list(range(n_layers))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The whole model
 # --------------------------------------------------------------------------------------------------------------
@@ -401,17 +376,75 @@ def _irreps_string(irreps: Irreps) -> str:
     return "+".join(f"{mul}x{l}{'e' if p == 1 else 'o'}" for mul, l, p in irreps)
 
 
-def hyperparameters(model_file: ModelFile) -> dict[str, Any]:
-    """The architecture and training constants of a MACE file, as plain Python values.
+@dataclass(frozen=True)
+class Architecture:
+    """The facts of a MACE file that :func:`build_model` builds from and :func:`hyperparameters` reports.
 
-    The same facts as mace-torch's ``extract_config_mace_model``: model class, elements (Z), r_max (Å), radial basis,
-    spherical-harmonics order, hidden and readout irreps, interaction classes, correlation order per layer, radial
-    MLP widths, average neighbour count, heads, E0s (eV), scale and shift (eV), ZBL and distance transform.
+    Read once from the records by :func:`read_architecture`, so the summary describes exactly the module that is
+    built. Reading never refuses an architecture (``mace-ase models info`` describes unsupported files too); building
+    does.
     """
+
+    model_class: str
+    atomic_numbers: list[int]  # Z of each model element, in model order
+    r_max: float  # Å
+    num_bessel: int
+    num_polynomial_cutoff: int  # the envelope's p
+    sh_ls: list[int]  # l of each spherical-harmonics irrep
+    interaction_classes: list[str]  # one per layer
+    hidden_irreps: str
+    mlp_irreps: str | None  # hidden irreps of the last (non-linear) readout, per head
+    correlation: list[int]  # one per layer
+    radial_mlp: list[int]
+    avg_num_neighbors: float | None  # None: not in the file
+    heads: list[str]
+    apply_cutoff: bool
+    num_readouts: int
+    atomic_energies: torch.Tensor  # E0 as stored, eV: [n_elements] or [n_heads, n_elements]
+    scale: torch.Tensor | None  # as stored; None for plain MACE (no scale_shift)
+    shift: torch.Tensor | None  # eV
+    pair_repulsion: bool  # ZBL
+    distance_transform: str | None
+
+    @property
+    def max_ell(self) -> int:
+        return max(self.sh_ls)
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.interaction_classes)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain Python values, named as mace-torch's ``extract_config_mace_model`` names them."""
+        return {
+            "model_class": self.model_class,
+            "atomic_numbers": list(self.atomic_numbers),
+            "r_max": self.r_max,
+            "num_bessel": self.num_bessel,
+            "num_polynomial_cutoff": self.num_polynomial_cutoff,
+            "max_ell": self.max_ell,
+            "num_interactions": self.num_interactions,
+            "interaction_cls_first": self.interaction_classes[0],
+            "interaction_cls": self.interaction_classes[-1],
+            "hidden_irreps": self.hidden_irreps,
+            "MLP_irreps": self.mlp_irreps,
+            "correlation": list(self.correlation),
+            "radial_MLP": list(self.radial_mlp),
+            "avg_num_neighbors": self.avg_num_neighbors,
+            "heads": list(self.heads),
+            "atomic_energies": self.atomic_energies.tolist(),
+            "scale": self.scale.tolist() if self.scale is not None else 1.0,
+            "shift": self.shift.tolist() if self.shift is not None else 0.0,
+            "pair_repulsion": self.pair_repulsion,
+            "distance_transform": self.distance_transform,
+        }
+
+
+def read_architecture(model_file: ModelFile) -> Architecture:
+    """The :class:`Architecture` of a read model file (plain reads of its records; nothing is built or refused)."""
     root = model_file.root
     interactions = root.module("interactions")
-    first = interactions.module("0")
-    layers = [interactions.module(name) for name in interactions.modules]
+    layers = [interactions.module(str(t)) for t in range(len(interactions.modules))]
     products = root.module("products")
     radial = root.module("radial_embedding")
     readouts = root.module("readouts")
@@ -419,47 +452,60 @@ def hyperparameters(model_file: ModelFile) -> dict[str, Any]:
     mlp_irreps = last_readout.get("hidden_irreps")  # the MLP of all heads together: mace reports one head's width
     if mlp_irreps is not None:
         groups = max(int(last_readout.get("num_heads", 1)), 1)
-        mlp_irreps = [(mul // groups, l, p) for mul, l, p in parse_irreps(mlp_irreps)]
-    e0 = root.module("atomic_energies_fn").tensor("atomic_energies")
+        mlp_irreps = _irreps_string([(mul // groups, l, p) for mul, l, p in parse_irreps(mlp_irreps)])
     scale_shift = root.modules.get("scale_shift")
-    return {
-        "model_class": root.short_class_name,
-        "atomic_numbers": [int(z) for z in root.tensor("atomic_numbers")],
-        "r_max": float(root.tensor("r_max")),
-        "num_bessel": int(radial.module("bessel_fn").tensor("bessel_weights").numel()),
-        "num_polynomial_cutoff": int(radial.module("cutoff_fn").tensor("p").item()),
-        "max_ell": max(l for _, l, _ in parse_irreps(root.module("spherical_harmonics").get("irreps_out"))),
-        "num_interactions": len(layers),
-        "interaction_cls_first": first.short_class_name,
-        "interaction_cls": layers[-1].short_class_name,
-        "hidden_irreps": _irreps_string(parse_irreps(layers[-1].get("node_feats_irreps"))) if len(layers) > 1
+    avg_num_neighbors = layers[0].get("avg_num_neighbors")
+    return Architecture(
+        model_class=root.short_class_name,
+        atomic_numbers=[int(z) for z in root.tensor("atomic_numbers")],
+        r_max=float(root.tensor("r_max")),
+        num_bessel=int(radial.module("bessel_fn").tensor("bessel_weights").numel()),
+        num_polynomial_cutoff=int(radial.module("cutoff_fn").tensor("p").item()),
+        sh_ls=[l for _, l, _ in parse_irreps(root.module("spherical_harmonics").get("irreps_out"))],
+        interaction_classes=[layer.short_class_name for layer in layers],
+        hidden_irreps=_irreps_string(parse_irreps(layers[-1].get("node_feats_irreps"))) if len(layers) > 1
         else _irreps_string(parse_irreps(products.module("0.symmetric_contractions").get("irreps_out"))),
-        "MLP_irreps": _irreps_string(mlp_irreps) if mlp_irreps is not None else None,
-        "correlation": [int(products.module(f"{t}.symmetric_contractions.contractions.0").get("correlation"))
-                        for t in range(len(layers))],
-        "radial_MLP": list(first.get("radial_MLP") or []),
-        "avg_num_neighbors": float(first.get("avg_num_neighbors", 1.0)),
-        "heads": list(root.get("heads") or ["Default"]),
-        "atomic_energies": e0.tolist(),
-        "scale": scale_shift.tensor("scale").tolist() if scale_shift is not None else 1.0,
-        "shift": scale_shift.tensor("shift").tolist() if scale_shift is not None else 0.0,
-        "pair_repulsion": "pair_repulsion_fn" in root.modules,
-        "distance_transform": radial.module("distance_transform").short_class_name
+        mlp_irreps=mlp_irreps,
+        correlation=[int(products.module(f"{t}.symmetric_contractions.contractions.0").get("correlation"))
+                     for t in range(len(layers))],
+        radial_mlp=list(layers[0].get("radial_MLP") or []),
+        avg_num_neighbors=float(avg_num_neighbors) if avg_num_neighbors is not None else None,
+        heads=list(root.get("heads") or ["Default"]),  # files from before multi-head support have one head
+        apply_cutoff=bool(root.get("apply_cutoff", True)),  # older files always applied the envelope
+        num_readouts=len(readouts.modules),
+        atomic_energies=root.module("atomic_energies_fn").tensor("atomic_energies").to(torch.float64),
+        scale=scale_shift.tensor("scale").to(torch.float64) if scale_shift is not None else None,
+        shift=scale_shift.tensor("shift").to(torch.float64) if scale_shift is not None else None,
+        pair_repulsion="pair_repulsion_fn" in root.modules,
+        distance_transform=radial.module("distance_transform").short_class_name
         if "distance_transform" in radial.modules else None,
-    }
+    )
+
+
+def hyperparameters(model_file: ModelFile) -> dict[str, Any]:
+    """The architecture and training constants of a MACE file, as plain Python values.
+
+    The same facts as mace-torch's ``extract_config_mace_model``: model class, elements (Z), r_max (Å), radial basis,
+    spherical-harmonics order, hidden and readout irreps, interaction classes, correlation order per layer, radial
+    MLP widths, average neighbour count (None when the file has none), heads, E0s (eV), scale and shift (eV), ZBL and
+    distance transform. It is :meth:`Architecture.summary` of :func:`read_architecture`, the facts
+    :func:`build_model` builds from; unsupported architectures are described, not refused.
+    """
+    return read_architecture(model_file).summary()
 
 
 def build_model(model_file: ModelFile) -> MACE:
     """Build a float64 :class:`MACE` from a read model file (see :func:`load_model`)."""
     root, path = model_file.root, model_file.path
     _check_supported(root, path)
-    heads = list(root.get("heads") or ["Default"])
+    facts = read_architecture(model_file)  # what hyperparameters() reports
+    heads = facts.heads
     num_heads = len(heads)
-    apply_cutoff = bool(root.get("apply_cutoff", True))
+    apply_cutoff = facts.apply_cutoff
 
-    atomic_numbers = root.tensor("atomic_numbers").to(torch.long)
-    n_elements = int(atomic_numbers.numel())
-    r_max = float(root.tensor("r_max"))
+    atomic_numbers = torch.tensor(facts.atomic_numbers, dtype=torch.long)
+    n_elements = len(facts.atomic_numbers)
+    r_max = facts.r_max
 
     embedding_blocks = linear_blocks(root.module("node_embedding.linear"))
     embedding = embedding_blocks[(0, 0)]  # [n_el, C]
@@ -468,7 +514,6 @@ def build_model(model_file: ModelFile) -> MACE:
     bessel = radial_record.module("bessel_fn")
     if bessel.short_class_name != "BesselBasis":
         raise _unsupported(path, f"radial basis {bessel.short_class_name}")
-    cutoff = radial_record.module("cutoff_fn")
     agnesi, covalent_radii = None, None
     if "distance_transform" in radial_record.modules:
         transform = radial_record.module("distance_transform")
@@ -480,32 +525,30 @@ def build_model(model_file: ModelFile) -> MACE:
         r_max=r_max,
         bessel_weights=bessel.tensor("bessel_weights").to(torch.float64),
         prefactor=bessel.tensor("prefactor").to(torch.float64),
-        p=int(cutoff.tensor("p").item()),
+        p=facts.num_polynomial_cutoff,
         apply_cutoff=bool(radial_record.get("apply_cutoff", apply_cutoff)),
         agnesi=agnesi,
         covalent_radii=covalent_radii,
     )
 
-    sh_irreps = parse_irreps(root.module("spherical_harmonics").get("irreps_out"))
-    max_ell = max(l for _, l, _ in sh_irreps)
-    if [l for _, l, _ in sh_irreps] != list(range(max_ell + 1)) or max_ell > 3:
-        raise _unsupported(path, f"spherical harmonics {sh_irreps}")
+    max_ell = facts.max_ell
+    if facts.sh_ls != list(range(max_ell + 1)) or max_ell > 3:
+        raise _unsupported(path, f"spherical harmonics with l = {facts.sh_ls}")
 
     interactions_record = root.module("interactions")
-    n_layers = len(interactions_record.modules)
+    n_layers = facts.num_interactions
     interactions = [build_interaction(interactions_record.module(str(t)), path, apply_cutoff) for t in range(n_layers)]
     products = [build_product(root.module(f"products.{t}"), path) for t in range(n_layers)]
     readout_records = root.module("readouts")
     n_readouts = len(readout_records.modules)
     readouts = [build_readout(readout_records.module(str(i)), path, num_heads) for i in range(n_readouts)]
-    readout_layers = _readout_layers(root, n_readouts, n_layers, path)
+    readout_layers = [n_layers - 1] if n_readouts == 1 else list(range(n_readouts))
 
-    e0 = root.module("atomic_energies_fn").tensor("atomic_energies").to(torch.float64)
+    e0 = facts.atomic_energies
     e0 = e0.reshape(1, n_elements).expand(num_heads, n_elements) if e0.dim() == 1 else e0
-    if "scale_shift" in root.modules:
-        scale_shift = root.module("scale_shift")
-        scale = scale_shift.tensor("scale").to(torch.float64).reshape(-1).expand(num_heads)
-        shift = scale_shift.tensor("shift").to(torch.float64).reshape(-1).expand(num_heads)
+    if facts.scale is not None and facts.shift is not None:
+        scale = facts.scale.reshape(-1).expand(num_heads)
+        shift = facts.shift.reshape(-1).expand(num_heads)
     else:  # plain MACE: no scale and shift
         scale = torch.ones(num_heads, dtype=torch.float64)
         shift = torch.zeros(num_heads, dtype=torch.float64)
@@ -540,18 +583,6 @@ def build_model(model_file: ModelFile) -> MACE:
     return model.eval()
 
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def resolve_dtype(dtype: str | torch.dtype, argument: str = "dtype") -> torch.dtype:
-    """``"float64"``/``"float32"`` (or the torch dtype) -> torch dtype; ``argument`` names it in the error."""
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]  # type: ignore[index]
-    raise ValueError(f"{argument} must be 'float64' or 'float32', got {dtype!r}")
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: str | torch.dtype = "float64") -> MACE:
     """Read an official MACE ``.model`` file (safely) and return the :class:`MACE` module.
@@ -565,10 +596,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     Raises:
         ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(read_model_file(path))
-    return model.to(device=torch.device(device), dtype=resolve_dtype(dtype))
+    return model.to(device=torch.device(resolve_device(device)), dtype=resolve_dtype(dtype))
 
 
 def export_torchscript(model: MACE, path: str | os.PathLike) -> None:
