@@ -169,7 +169,19 @@ def _activation_scale(act: PickledObject) -> float:
     function = act.get("f")
     if not (isinstance(function, FunctionRef) and function.qualname in _SILU):
         raise UnsupportedModelError(f"activation {function!r} is not supported (only SiLU)")
-    return float(act.get("cst", 1.0))
+    if act.get("_is_id", False):  # e3nn skips the multiplication when the constant is within 1e-4 of 1
+        return 1.0
+    # every e3nn normalize2mom stores `cst` (computed at construction from seeded normals): never recompute or guess
+    return float(_required(act, "cst"))
+
+
+def _required(record: PickledObject, name: str) -> Any:
+    """Attribute ``name`` of ``record``; a ModelFileError naming it when the file lacks it (no silent default)."""
+    value = record.get(name)
+    if value is None:
+        raise ModelFileError(f"{record.short_class_name} has no attribute {name!r}, which the architecture needs; "
+                             "the file is incomplete or was not written by mace-torch")
+    return value
 
 
 def build_species_linear(record: PickledObject, path: str) -> SpeciesLinear:
@@ -247,7 +259,7 @@ def build_interaction(record: PickledObject, path: str, apply_cutoff: bool) -> I
         skip=build_species_linear(record.module("skip_tp"), path),
         residual=residual,
         density_weight=density_weight,
-        avg_num_neighbors=float(record.get("avg_num_neighbors", 1.0)),
+        avg_num_neighbors=float(_required(record, "avg_num_neighbors")),  # every mace version stores it
         apply_cutoff=apply_cutoff,
         input_dims=[2 * l + 1 for _, l, _ in parse_irreps(record.module("conv_tp").get("irreps_in1"))],
     )
@@ -344,6 +356,22 @@ def _scalar_weight(record: PickledObject, path: str) -> torch.Tensor:
     if irreps_in[0][1] != 0 or set(blocks) != {(0, 0)}:
         raise _unsupported(path, "a readout reading non-scalar features")
     return blocks[(0, 0)]
+
+
+def _readout_layers(root: PickledObject, n_readouts: int, n_layers: int, path: str) -> list[int]:
+    """Which layer each readout reads: one readout per layer, or a single one on the last layer.
+
+    mace decides by the count (one readout: the last layer's features; else readout t reads layer t); files with
+    ``use_last_readout_only`` say which they meant, older ones lack the attribute and have one readout per layer.
+    """
+    last_only = root.get("use_last_readout_only")
+    expected = {1, n_layers} if last_only is None else {1 if last_only else n_layers}
+    if n_readouts not in expected:
+        raise ModelFileError(
+            f"{path!r}: {n_readouts} readouts for {n_layers} interaction layers (use_last_readout_only="
+            f"{last_only}); expected {' or '.join(map(str, sorted(expected)))}: the file is inconsistent"
+        )
+    return [n_layers - 1] if n_readouts == 1 else list(range(n_layers))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -542,7 +570,7 @@ def build_model(model_file: ModelFile) -> MACE:
     readout_records = root.module("readouts")
     n_readouts = len(readout_records.modules)
     readouts = [build_readout(readout_records.module(str(i)), path, num_heads) for i in range(n_readouts)]
-    readout_layers = [n_layers - 1] if n_readouts == 1 else list(range(n_readouts))
+    readout_layers = _readout_layers(root, n_readouts, n_layers, path)
 
     e0 = facts.atomic_energies
     e0 = e0.reshape(1, n_elements).expand(num_heads, n_elements) if e0.dim() == 1 else e0
