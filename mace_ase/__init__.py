@@ -29,6 +29,8 @@ _EXPORTS = {
     "mace_anicc": "mace_ase.foundations",
     "relax": "mace_ase.dynamics.relax",
     "run_md": "mace_ase.dynamics.md",
+    "evaluate": "mace_ase.batch",
+    "export_lammps": "mace_ase.lammps",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

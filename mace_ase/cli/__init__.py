@@ -4,6 +4,7 @@ Sub-commands are registered by small modules, each owning one area:
 
 * ``mace_ase.cli.models``   -- ``mace-ase models list|download|verify|path|clear``
 * ``mace_ase.cli.simulate`` -- ``mace-ase eval|relax|md``
+* ``mace_ase.cli.lammps``   -- ``mace-ase export-lammps``
 
 Each such module defines ``register(subparsers) -> None`` which adds its parsers and sets
 ``func=<callable(args) -> int>`` as the parser default.
@@ -17,7 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
-_COMMAND_MODULES = ("mace_ase.cli.models", "mace_ase.cli.simulate")
+_COMMAND_MODULES = ("mace_ase.cli.models", "mace_ase.cli.simulate", "mace_ase.cli.lammps")
 
 
 def build_parser() -> argparse.ArgumentParser:
