@@ -628,11 +628,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     return model.to(device=torch.device(resolve_device(device)), dtype=resolve_dtype(dtype))
 
 
-def export_torchscript(model: MACE, path: str | os.PathLike) -> None:
+def export_torchscript(model: MACE, path: str | os.PathLike, lammps: bool = False, head: int = 0) -> None:
     """Compile ``model`` with TorchScript and save it; ``torch.jit.load(path)`` then needs only torch.
 
     The scripted module has the same ``forward`` as :class:`MACE` and keeps ``atomic_numbers``, ``r_max`` and
-    ``heads`` as attributes.
+    ``heads`` as attributes. With ``lammps=True`` it is instead the interface of mace-torch's LAMMPS
+    ``pair_style mace`` for head index ``head`` (see :mod:`mace_ase.model.lammps_wrapper`), in the model's dtype.
     """
+    if lammps:
+        from mace_ase.model.lammps_wrapper import LammpsMACE
+
+        scripted = torch.jit.script(LammpsMACE(model, head))
+        torch.jit.save(scripted, os.fspath(path))
+        return
     scripted = torch.jit.script(model)
     torch.jit.save(scripted, os.fspath(path))
