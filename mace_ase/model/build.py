@@ -130,22 +130,73 @@ def linear_blocks(record: PickledObject) -> dict[tuple[int, int], torch.Tensor]:
     return blocks
 
 
-def build_linear(record: PickledObject, path: str) -> EquivariantLinear:
-    """An :class:`EquivariantLinear` from an ``o3.Linear`` record."""
+def linear_input_segments(irreps_in: Irreps, layout: Irreps, path: str) -> list[list[tuple[int, int, int, int]]]:
+    """Where each input block of an ``o3.Linear`` lies in the features it is applied to.
+
+    ``irreps_in`` is the linear's own input irreps (as stored in the file), ``layout`` the irreps of the tensor it
+    reads, one slot per irrep as our ``[N, D, C]`` features hold it. Both may split a run of equal irreps into blocks
+    differently: mace-torch 0.3.0-0.3.4 give the interaction's ``linear`` the *simplified* irreps of the tensor product
+    output (``16x0e+24x1o`` where the product writes ``8x0e+8x0e+8x1o+8x1o+8x1o``). In e3nn's flat layout a block
+    ``(m1 + m2) x l`` is the block ``m1 x l`` followed by ``m2 x l`` (channel-major, component-minor), so the two
+    lists describe the same memory and are matched channel by channel.
+
+    Returns, per block of ``irreps_in``, its pieces ``(slot, first channel in the slot, first channel in the block,
+    channel count)``. Raises :class:`ModelFileError` if the two lists are not splits of the same irreps sequence.
+    """
+    segments: list[list[tuple[int, int, int, int]]] = []
+    slot, used = 0, 0  # the layout slot being consumed and how many of its channels are already taken
+    for mul, l, p in irreps_in:
+        pieces, taken = [], 0
+        while taken < mul:
+            if slot >= len(layout) or layout[slot][1:] != (l, p):
+                raise ModelFileError(
+                    f"{path!r}: an o3.Linear reads irreps {_irreps_string(irreps_in)} from features laid out as "
+                    f"{_irreps_string(layout)}; these are not the same irreps (the file is inconsistent)"
+                )
+            count = min(mul - taken, layout[slot][0] - used)
+            pieces.append((slot, used, taken, count))
+            taken += count
+            used += count
+            if used == layout[slot][0]:
+                slot, used = slot + 1, 0
+        segments.append(pieces)
+    if slot != len(layout) or used != 0:
+        raise ModelFileError(
+            f"{path!r}: an o3.Linear reads irreps {_irreps_string(irreps_in)}, fewer than the "
+            f"{_irreps_string(layout)} of its input (the file is inconsistent)"
+        )
+    return segments
+
+
+def build_linear(record: PickledObject, path: str, layout: Irreps | None = None) -> EquivariantLinear:
+    """An :class:`EquivariantLinear` from an ``o3.Linear`` record.
+
+    ``layout``: the irreps of the features the linear is applied to, as the producing block writes them (default: the
+    linear's own ``irreps_in``); see :func:`linear_input_segments` for files where the two differ.
+    """
     irreps_in, irreps_out = parse_irreps(record.get("irreps_in")), parse_irreps(record.get("irreps_out"))
-    _single_multiplicity(irreps_in, path, "linear input")
+    layout = irreps_in if layout is None else layout
+    channels = _single_multiplicity(layout, path, "linear input")
     _single_multiplicity(irreps_out, path, "linear output")
-    offsets_in = component_offsets(irreps_in)
+    segments = linear_input_segments(irreps_in, layout, path)
+    offsets_in = component_offsets(layout)
     blocks = linear_blocks(record)
     gathers, weights, dims = [], [], []
-    for i_out, (_, l_out, _) in enumerate(irreps_out):
-        sources = [i_in for (i_in, j) in blocks if j == i_out]
-        if not sources:
+    for i_out, (mul_out, l_out, _) in enumerate(irreps_out):
+        per_slot: dict[int, torch.Tensor] = {}  # input slot -> its [C_in, C_out] rows of the weight
+        for (i_in, j), block in blocks.items():
+            if j != i_out:
+                continue
+            for slot, slot_start, block_start, count in segments[i_in]:
+                matrix = per_slot.setdefault(slot, torch.zeros(channels, mul_out, dtype=torch.float64))
+                matrix[slot_start : slot_start + count] = block[block_start : block_start + count]
+        if not per_slot:
             raise _unsupported(path, "an o3.Linear output without input")
+        sources = sorted(per_slot)
         dim = 2 * l_out + 1
         components = [offsets_in[i] + m for i in sources for m in range(dim)]
         gathers.append(torch.tensor(components, dtype=torch.long))
-        weights.append(torch.cat([blocks[(i, i_out)] for i in sources], dim=0))
+        weights.append(torch.cat([per_slot[i] for i in sources], dim=0))
         dims.append(dim)
     return EquivariantLinear(gathers, weights, dims)
 
@@ -247,7 +298,8 @@ def build_convolution(record: PickledObject, path: str) -> list[ConvolutionPath]
 
 def build_interaction(record: PickledObject, path: str, apply_cutoff: bool) -> Interaction:
     residual, density = _INTERACTIONS[record.short_class_name]
-    paths = build_convolution(record.module("conv_tp"), path)
+    conv_tp = record.module("conv_tp")
+    paths = build_convolution(conv_tp, path)
     density_weight = None
     if density:
         density_weight = record.module("density_fn").module("layer0").tensor("weight").to(torch.float64)
@@ -255,7 +307,8 @@ def build_interaction(record: PickledObject, path: str, apply_cutoff: bool) -> I
         linear_up=build_linear(record.module("linear_up"), path),
         radial_mlp=build_radial_mlp(record.module("conv_tp_weights")),
         paths=paths,
-        linear=build_linear(record.module("linear"), path),
+        # old files read the tensor product's output as simplified irreps (see linear_input_segments)
+        linear=build_linear(record.module("linear"), path, parse_irreps(conv_tp.get("irreps_out"))),
         skip=build_species_linear(record.module("skip_tp"), path),
         residual=residual,
         density_weight=density_weight,
@@ -328,7 +381,8 @@ def build_product(record: PickledObject, path: str) -> Product:
         build_symmetric_contraction(contractions_record.module(f"contractions.{k}"), l)
         for k, (_, l, _) in enumerate(irreps_out)
     ]
-    return Product(contractions, build_linear(record.module("linear"), path), bool(record.get("use_sc", True)))
+    linear = build_linear(record.module("linear"), path, irreps_out)
+    return Product(contractions, linear, bool(record.get("use_sc", True)))
 
 
 def build_readout(record: PickledObject, path: str, num_heads: int) -> Readout:

@@ -215,11 +215,21 @@ class RadialEmbedding(nn.Module):
         return features, envelope
 
 
+# ZBL constants (Ziegler, Biersack & Littmark 1985), with the digits mace-torch uses:
+COULOMB_CONSTANT = 14.3996  # e^2 / (4 pi eps0) in eV * Å
+BOHR_RADIUS = 0.529  # Å
+ZBL_SCREENING_EXPONENTS = (3.2, 0.9423, 0.4028, 0.2016)  # d_k of the universal screening function (dimensionless)
+
+
 class ZBLRepulsion(nn.Module):
     """Ziegler-Biersack-Littmark screened nuclear repulsion, per receiver atom (eV).
 
-    V(r) = 14.3996 Z_u Z_v / r * sum_k c_k exp(-d_k r / a), a = 0.4543 * 0.529 / (Z_u^0.3 + Z_v^0.3) Å, smoothly cut
-    at the sum of covalent radii with the polynomial envelope; half of each edge's energy goes to its receiver.
+    V(r) = k_e Z_u Z_v / r * sum_k c_k exp(-d_k r / a), a = a_prefactor * a_0 / (Z_u^a_exp + Z_v^a_exp) Å, with
+    k_e = :data:`COULOMB_CONSTANT`, a_0 = :data:`BOHR_RADIUS`, d_k = :data:`ZBL_SCREENING_EXPONENTS` and c_k,
+    a_prefactor (0.4543), a_exp (0.3) read from the file; smoothly cut at the sum of covalent radii with the
+    polynomial envelope; half of each edge's energy goes to its receiver.
+
+    Everything is computed in the dtype of the buffers (the model's dtype), never in torch's global default dtype.
     """
 
     def __init__(self, c: Tensor, p: int, covalent_radii: Tensor, a_exp: Tensor, a_prefactor: Tensor) -> None:
@@ -229,20 +239,27 @@ class ZBLRepulsion(nn.Module):
         self.register_buffer("a_exp", a_exp)
         self.register_buffer("a_prefactor", a_prefactor)
         self.p = p
+        # module attributes (TorchScript does not read module-level floats)
+        self.coulomb_constant = COULOMB_CONSTANT
+        self.bohr_radius = BOHR_RADIUS
+        self.screening_exponents = ZBL_SCREENING_EXPONENTS
 
     def forward(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tensor:
         """Energy of each edge given to its receiver, ``[E, 1]`` eV."""
-        z_u = z_sender.unsqueeze(-1)
-        z_v = z_receiver.unsqueeze(-1)
-        a = self.a_prefactor * 0.529 / (torch.pow(z_u, self.a_exp) + torch.pow(z_v, self.a_exp))
+        # Atomic numbers as floats of the model's dtype: a Python float times an integer tensor would be computed in
+        # torch's global default dtype (float32 unless changed), which rounds k_e to float32 in float64 models.
+        z_u = z_sender.unsqueeze(-1).to(lengths.dtype)
+        z_v = z_receiver.unsqueeze(-1).to(lengths.dtype)
+        a = self.a_prefactor * self.bohr_radius / (torch.pow(z_u, self.a_exp) + torch.pow(z_v, self.a_exp))
         r_over_a = lengths / a
+        d0, d1, d2, d3 = self.screening_exponents
         phi = (
-            self.c[0] * torch.exp(-3.2 * r_over_a)
-            + self.c[1] * torch.exp(-0.9423 * r_over_a)
-            + self.c[2] * torch.exp(-0.4028 * r_over_a)
-            + self.c[3] * torch.exp(-0.2016 * r_over_a)
+            self.c[0] * torch.exp(-d0 * r_over_a)
+            + self.c[1] * torch.exp(-d1 * r_over_a)
+            + self.c[2] * torch.exp(-d2 * r_over_a)
+            + self.c[3] * torch.exp(-d3 * r_over_a)
         )
-        v_edges = (14.3996 * z_u * z_v) / lengths * phi
+        v_edges = (self.coulomb_constant * z_u * z_v) / lengths * phi
         r_max = (self.covalent_radii[z_sender] + self.covalent_radii[z_receiver]).unsqueeze(-1)
         return 0.5 * v_edges * polynomial_envelope(lengths, r_max, self.p)
 
@@ -303,7 +320,7 @@ class Interaction(nn.Module):
         self.skip = skip
         self.residual = residual
         self.use_density = density_weight is not None
-        w = density_weight if density_weight is not None else torch.zeros(1, 1)
+        w = density_weight if density_weight is not None else torch.zeros(1, 1, dtype=linear.weights[0].dtype)
         self.register_buffer("density_weight", w / w.shape[0] ** 0.5)
         self.avg_num_neighbors = avg_num_neighbors
         self.apply_cutoff = apply_cutoff
@@ -430,7 +447,8 @@ class Readout(nn.Module):
         super().__init__()
         self.first = nn.Parameter(first, requires_grad=False)  # [C, n_heads] or [C, hidden]
         self.nonlinear = second is not None
-        self.second = nn.Parameter(second if second is not None else torch.zeros(1, 1), requires_grad=False)
+        placeholder = torch.zeros(1, 1, dtype=first.dtype)  # unused: keeps the attribute's type for TorchScript
+        self.second = nn.Parameter(second if second is not None else placeholder, requires_grad=False)
         self.activation_scale = activation_scale
         self.mask_groups = mask_groups  # hidden units form this many head-major groups (1: no masking)
 
