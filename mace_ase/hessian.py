@@ -17,14 +17,11 @@ calculator; it is how the autograd one is tested.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import BaseCalculator
-
-log = logging.getLogger(__name__)
 
 
 def hessian(calc: Any, atoms: Atoms) -> np.ndarray:

@@ -30,7 +30,6 @@ position (fixed ones too) with the cell.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms, units
 from ase.md.md import MolecularDynamics
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TDAMP_FS = 100.0  # thermostat time constant, fs
 DEFAULT_PDAMP_FS = 1000.0  # barostat time constant, fs
@@ -63,7 +60,6 @@ class MDSettings:
 class Ensemble:
     name: str
     ase_class: str  # for messages and docs
-    thermostat: bool
     barostat: bool
     honours_constraints: bool
     build: Callable[[Atoms, MDSettings], MolecularDynamics]
@@ -162,21 +158,20 @@ def _npt_berendsen(atoms: Atoms, s: MDSettings) -> MolecularDynamics:
 ENSEMBLES: dict[str, Ensemble] = {
     e.name: e
     for e in (
-        Ensemble("nve", "VelocityVerlet", False, False, True, _nve),
-        Ensemble("nvt-langevin", "Langevin", True, False, True, _nvt_langevin),
-        Ensemble("nvt-bussi", "Bussi", True, False, True, _nvt_bussi),
-        Ensemble("nvt-nose-hoover", "NoseHooverChainNVT", True, False, False, _nvt_nose_hoover),
-        Ensemble("npt-mtk", "IsotropicMTKNPT", True, True, False, _npt_mtk),
+        Ensemble("nve", "VelocityVerlet", False, True, _nve),
+        Ensemble("nvt-langevin", "Langevin", False, True, _nvt_langevin),
+        Ensemble("nvt-bussi", "Bussi", False, True, _nvt_bussi),
+        Ensemble("nvt-nose-hoover", "NoseHooverChainNVT", False, False, _nvt_nose_hoover),
+        Ensemble("npt-mtk", "IsotropicMTKNPT", True, False, _npt_mtk),
         Ensemble(
             "npt-mtk-aniso",
             "MTKNPT",
             True,
-            True,
             False,
             lambda atoms, s: _npt_mtk(atoms, s, isotropic=False),
         ),
-        Ensemble("npt-langevin", "LangevinBAOAB", True, True, False, _npt_langevin),
-        Ensemble("npt-berendsen", "NPTBerendsen", True, True, False, _npt_berendsen),
+        Ensemble("npt-langevin", "LangevinBAOAB", True, False, _npt_langevin),
+        Ensemble("npt-berendsen", "NPTBerendsen", True, False, _npt_berendsen),
     )
 }
 

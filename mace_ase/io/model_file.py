@@ -81,9 +81,6 @@ class PickledObject:
     def state(self) -> dict:
         return self.__dict__["_state"]
 
-    def has(self, name: str) -> bool:
-        return name in self.state
-
     def get(self, name: str, default: Any = None) -> Any:
         return self.state.get(name, default)
 
