@@ -666,7 +666,7 @@ def build_model(model_file: ModelFile) -> MACE:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype = "float64") -> MACE:
+               dtype: str | torch.dtype = "float64", fused: bool = True) -> MACE:
     """Read an official MACE ``.model`` file (safely) and return the :class:`MACE` module.
 
     Args:
@@ -674,12 +674,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``); ``None`` picks CUDA when available.
         dtype: ``"float64"`` (the files' own precision) or ``"float32"`` (weights are rounded from float64, as
             mace-torch's ``default_dtype="float32"`` does).
+        fused: use the fast, chunked convolution (:mod:`mace_ase.model.fused`; exact, checked against the
+            reference at load). ``False`` keeps the plain reference code everywhere.
 
     Raises:
         ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
     """
     model = build_model(read_model_file(path))
-    return model.to(device=torch.device(resolve_device(device)), dtype=resolve_dtype(dtype))
+    model = model.to(device=torch.device(resolve_device(device)), dtype=resolve_dtype(dtype))
+    if fused:
+        from mace_ase.model.fused import enable_fused
+
+        enable_fused(model)
+    return model
 
 
 def export_torchscript(model: MACE, path: str | os.PathLike, lammps: bool = False, head: int = 0) -> None:

@@ -324,6 +324,34 @@ class Interaction(nn.Module):
         self.register_buffer("density_weight", w / w.shape[0] ** 0.5)
         self.avg_num_neighbors = avg_num_neighbors
         self.apply_cutoff = apply_cutoff
+        self.fused = False  # set by mace_ase.model.fused.enable_fused: eager runs use its chunked, fused kernels
+
+    def convolution(self, sender_features: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
+                    n_receivers: int) -> Tensor:
+        """The reference neighbour sum of every path, concatenated: ``[n_receivers, D_out, C]`` (before the linear).
+
+        ``sender_features`` are the (linear_up) features of each edge's sender, ``[n_receivers*K, D_in, C]``.
+        """
+        channels = sender_features.shape[2]
+        path_weights = self.radial_mlp(edge_feats)  # [N*K, n_paths * C]
+        path_weights = path_weights.view(path_weights.shape[0], path_weights.shape[1] // channels, channels)
+        if not self.apply_cutoff:
+            path_weights = path_weights * envelope.unsqueeze(-1)
+        # Split once (one backward op each) rather than slicing per path (a zero-filled gradient per slice).
+        sender_irreps = sender_features.split(self.input_dims, dim=1)  # each [N*K, 2l+1, C]
+        weights_per_path = path_weights.unbind(1)  # each [N*K, C]
+        pieces: List[Tensor] = []
+        for path in self.paths:
+            pieces.append(path(sender_irreps, sh, weights_per_path, n_receivers))
+        return torch.cat(pieces, dim=1)
+
+    @torch.jit.unused
+    def fused_convolution(self, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor
+                          ) -> Tensor:
+        """Same result as :meth:`convolution` (fast path, eager mode only): see :mod:`mace_ase.model.fused`."""
+        from mace_ase.model.fused import fused_convolution
+
+        return fused_convolution(self, h_up, sh, edge_feats, envelope, sender)
 
     def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
                 species_counts: List[int]) -> Tuple[Tensor, Optional[Tensor]]:
@@ -333,18 +361,11 @@ class Interaction(nn.Module):
         if self.residual:
             sc = self.skip(h, species_counts)
         h_up = self.linear_up(h)
-        channels = h_up.shape[2]
-        path_weights = self.radial_mlp(edge_feats)  # [N*K, n_paths * C]
-        path_weights = path_weights.view(path_weights.shape[0], path_weights.shape[1] // channels, channels)
-        if not self.apply_cutoff:
-            path_weights = path_weights * envelope.unsqueeze(-1)
-        # Split once (one backward op each) rather than slicing per path (a zero-filled gradient per slice).
-        sender_irreps = h_up.index_select(0, sender).split(self.input_dims, dim=1)  # each [N*K, 2l+1, C]
-        weights_per_path = path_weights.unbind(1)  # each [N*K, C]
-        pieces: List[Tensor] = []
-        for path in self.paths:
-            pieces.append(path(sender_irreps, sh, weights_per_path, n_nodes))
-        message = self.linear(torch.cat(pieces, dim=1))  # [N, 16, C]
+        if self.fused and not torch.jit.is_scripting():
+            convolved = self.fused_convolution(h_up, sh, edge_feats, envelope, sender)
+        else:
+            convolved = self.convolution(h_up.index_select(0, sender), sh, edge_feats, envelope, n_nodes)
+        message = self.linear(convolved)  # [N, 16, C]
         if self.use_density:
             edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [N*K, 1]
             if not self.apply_cutoff:

@@ -1,0 +1,123 @@
+"""The fast path (mace_ase.model.fused: chunked convolution, compiled CPU kernels) gives the reference's numbers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import fixture_model
+from mace_ase.model import fused
+from mace_ase.model.build import load_model
+
+MODELS = ["mp0a_medium", "mpa0_density", "mp0b_agnesi_zbl", "mp0a_l2", "off_like", "plain_mace", "multihead"]
+
+
+def _graph(model, n_atoms: int = 24, seed: int = 1):
+    """A random cluster (some atoms farther than r_max apart), both edge directions, irregular neighbour counts."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.rand(n_atoms, 3, generator=generator, dtype=torch.float64) * 1.4 * model.r_max_value
+    species = torch.randint(0, int(model.atomic_numbers.shape[0]), (n_atoms,), generator=generator)
+    i, j = torch.meshgrid(torch.arange(n_atoms), torch.arange(n_atoms), indexing="ij")
+    vectors = positions[j] - positions[i]
+    length = vectors.norm(dim=-1)
+    keep = (i != j) & (length < model.r_max_value) & (length > 0.8)
+    return vectors[keep], torch.stack([i[keep], j[keep]]), species
+
+
+def _both(model, *args):
+    fused._set(model, True, fused.load_kernel()[0] is not None)
+    fast = model.energy_and_edge_gradients(*args)
+    fused._set(model, False, False)
+    reference = model.energy_and_edge_gradients(*args)
+    return fast, reference
+
+
+def test_kernel_builds() -> None:
+    """On the CI machines (g++ and ninja present) the compiled kernel is what runs."""
+    module, reason = fused.load_kernel()
+    assert module is not None, reason
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("chunk_edges", [64, 100000])
+def test_fused_matches_reference_float64(name: str, chunk_edges: int, monkeypatch) -> None:
+    monkeypatch.setattr(fused, "CHUNK_EDGES", chunk_edges)  # 64: many chunks, one receiver or more each
+    model = load_model(fixture_model(name), device="cpu", dtype="float64", fused=False)
+    args = _graph(model)
+    (energy, grad), (energy_ref, grad_ref) = _both(model, *args)
+    assert torch.allclose(energy, energy_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)
+    assert grad.abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_fused_matches_reference_float32() -> None:
+    model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float32", fused=False)
+    vectors, edge_index, species = _graph(model)
+    (energy, grad), (energy_ref, grad_ref) = _both(model, vectors.float(), edge_index, species)
+    assert torch.allclose(energy, energy_ref, rtol=0, atol=2e-5)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=2e-5 * (1 + float(grad_ref.abs().max())))
+
+
+def test_chunked_torch_path_without_kernel(monkeypatch) -> None:
+    """No compiler (or CUDA): the chunked, recomputing torch path, same numbers."""
+    monkeypatch.setattr(fused, "CHUNK_EDGES", 64)
+    model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", fused=False)
+    args = _graph(model)
+    reference = model.energy_and_edge_gradients(*args)
+    fused._set(model, True, False)
+    fast = model.energy_and_edge_gradients(*args)
+    assert torch.allclose(fast[0], reference[0], rtol=0, atol=1e-12)
+    assert torch.allclose(fast[1], reference[1], rtol=0, atol=1e-12)
+
+
+def test_second_derivatives_through_fused_path(monkeypatch) -> None:
+    """Hessian-vector products (create_graph=True) go through the differentiable recomputation."""
+    monkeypatch.setattr(fused, "CHUNK_EDGES", 64)
+    model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", fused=False)
+    vectors, edge_index, species = _graph(model, n_atoms=10)
+    direction = torch.randn(vectors.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def hvp(enabled: bool) -> torch.Tensor:
+        fused._set(model, enabled, enabled)
+        x = vectors.clone().requires_grad_(True)
+        energy = model.graph_energies(x, edge_index, species).sum()
+        (grad,) = torch.autograd.grad(energy, x, create_graph=True)
+        (second,) = torch.autograd.grad((grad * direction).sum(), x)
+        return second
+
+    reference = hvp(False)
+    assert torch.allclose(hvp(True), reference, rtol=0, atol=1e-10)
+    assert reference.abs().max() > 1e-3
+
+
+def test_self_check_falls_back_with_one_warning(monkeypatch) -> None:
+    """A fast path that disagrees with the reference is not used; the user is told once."""
+    model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", fused=False)
+    original = fused.coupling_tables
+
+    def broken(interaction):
+        pa, pairs, terms, values, d_out = original(interaction)
+        return pa, pairs, terms, values * 1.001, d_out
+
+    monkeypatch.setattr(fused, "coupling_tables", broken)
+    monkeypatch.setattr(fused, "_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fused.enable_fused(model) == "reference"
+        for interaction in model.interactions:
+            del interaction.fused_tables
+        assert fused.enable_fused(model) == "reference"
+    assert len([w for w in caught if "fast convolution disagrees" in str(w.message)]) == 1
+    assert not any(interaction.fused for interaction in model.interactions)
+
+
+def test_torchscript_export_uses_reference(tmp_path) -> None:
+    model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64")
+    assert all(interaction.fused for interaction in model.interactions)
+    scripted = torch.jit.script(model)
+    args = _graph(model, n_atoms=8)
+    expected = model.energy_and_edge_gradients(*args)[0]
+    got = scripted.graph_energies(args[0], args[1], args[2], 0)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
