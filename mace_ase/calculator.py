@@ -25,7 +25,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
-from mace_ase.neighbours import neighbour_list
+from mace_ase.neighbours import VerletNeighbourList
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class MACECalculator(Calculator):
         default_dtype: ``"float64"`` or ``"float32"`` (float64 weights rounded to float32, as mace-torch does).
             Torch's global default dtype is never changed.
         head: which head of a multi-head model to use; ``None`` means the only head, or the one named "Default".
+        skin: Verlet skin of the neighbour list, Å (see :class:`~mace_ase.neighbours.VerletNeighbourList`): the list
+            is searched with ``r_max + skin`` and reused until an atom has moved more than half the skin or the
+            cell has strained too far. Results are bit-identical for every skin; only the cost changes. ``0``
+            (default) searches afresh at every call, the cheapest for unrelated structures; ``run_md`` uses 1 Å
+            for its run when the calculator's skin is 0 (attribute ``skin``, settable).
 
     Properties: ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å), ``stress`` (eV/Å³, only for fully
     periodic systems), ``energies`` (per atom, including the isolated-atom energies E0, eV) and ``node_energy``
@@ -66,7 +71,7 @@ class MACECalculator(Calculator):
 
     def __init__(self, model_paths: str | os.PathLike | MACE | Sequence[str | os.PathLike | MACE],
                  device: str | None = None, default_dtype: str = "float64", head: str | None = None,
-                 **kwargs: Any) -> None:
+                 skin: float = 0.0, **kwargs: Any) -> None:
         for option in _IGNORED_MACE_OPTIONS:
             if option in kwargs:
                 log.info("option %s=%r is a mace-torch backend switch; mace-ase ignores it", option, kwargs.pop(option))
@@ -80,7 +85,7 @@ class MACECalculator(Calculator):
         unknown = sorted(set(kwargs) - set(_ASE_OPTIONS))
         if unknown:
             raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, "
-                            f"device, default_dtype, head and ASE's {list(_ASE_OPTIONS)}")
+                            f"device, default_dtype, head, skin and ASE's {list(_ASE_OPTIONS)}")
         super().__init__(**kwargs)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,6 +108,18 @@ class MACECalculator(Calculator):
         self.atomic_numbers = reference.atomic_numbers.cpu().numpy()
         self._species_of_z = np.full(max(int(self.atomic_numbers.max()) + 1, 119), -1, dtype=np.int64)
         self._species_of_z[self.atomic_numbers] = np.arange(len(self.atomic_numbers))
+        self._neighbours = VerletNeighbourList(self.r_max, skin)
+        self._edge_tensors: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (list version, tensors)
+
+    @property
+    def skin(self) -> float:
+        """Verlet skin of the neighbour list, Å (results do not depend on it)."""
+        return self._neighbours.skin
+
+    @skin.setter
+    def skin(self, value: float) -> None:
+        self._neighbours = VerletNeighbourList(self.r_max, value)
+        self._edge_tensors = None
 
     def _load(self, source: Any) -> MACE:
         if isinstance(source, (str, os.PathLike)):
@@ -144,14 +161,18 @@ class MACECalculator(Calculator):
             )
         positions = atoms.positions
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
-        edge_index, unit_shifts = neighbour_list(positions, cell, atoms.pbc, self.r_max)
+        edge_index, unit_shifts = self._neighbours.update(positions, cell, atoms.pbc, numbers)
         as_float = dict(device=self.device, dtype=self.dtype)
+        version = self._neighbours.version
+        if self._edge_tensors is None or self._edge_tensors[0] != version:  # unchanged graph: reuse its tensors
+            self._edge_tensors = (version, torch.as_tensor(edge_index, device=self.device),
+                                  torch.as_tensor(unit_shifts, **as_float))
         return {
             "positions": torch.as_tensor(positions, **as_float),
             "cell": torch.as_tensor(cell, **as_float),
             "species": torch.as_tensor(species, dtype=torch.long, device=self.device),
-            "edge_index": torch.as_tensor(edge_index, device=self.device),
-            "unit_shifts": torch.as_tensor(unit_shifts, **as_float),
+            "edge_index": self._edge_tensors[1],
+            "unit_shifts": self._edge_tensors[2],
         }
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

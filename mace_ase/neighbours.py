@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from matscipy.neighbours import neighbour_list as _matscipy_neighbour_list
 
-__all__ = ["neighbour_list"]
+__all__ = ["neighbour_list", "VerletNeighbourList"]
 
 
 def _search_frame(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
@@ -87,8 +87,152 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
         raise ValueError(f"the cell {cell.tolist()} is degenerate along its periodic directions {pbc.tolist()}")
     search_positions, search_cell = _search_frame(positions, cell, pbc, float(cutoff))
     sender, receiver, shifts = _matscipy_neighbour_list(
-        "ijS", positions=search_positions, cell=search_cell, pbc=pbc, cutoff=float(cutoff)
+        "ijS", positions=search_positions, cell=search_cell, pbc=pbc, cutoff=float(cutoff) + _SEARCH_MARGIN
     )
-    keep = ~((sender == receiver) & ~shifts.any(axis=1))
-    edge_index = np.stack([sender[keep], receiver[keep]]).astype(np.int64)
-    return edge_index, shifts[keep].astype(np.int64)
+    return _exact_canonical(positions, cell, sender, receiver, shifts, float(cutoff))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One edge set, one order: what makes a cached (Verlet) list give bit-identical results to a fresh one
+# ---------------------------------------------------------------------------------------------------------------
+
+# The backend searches slightly beyond the cutoff; which pairs are kept is then decided by our own arithmetic
+# (_squared_lengths), the same for a fresh list and for a filtered Verlet list, so both hold exactly the same pairs.
+_SEARCH_MARGIN = 1e-6  # Å, far above the backend's rounding error
+
+
+def _squared_lengths(positions: np.ndarray, cell: np.ndarray, edge_index: np.ndarray, shift_vectors: np.ndarray
+                     ) -> np.ndarray:
+    # element-wise ufuncs only (no BLAS): the value for an edge never depends on how many edges there are
+    vectors = positions[edge_index[1]] - positions[edge_index[0]] + shift_vectors
+    return vectors[:, 0] * vectors[:, 0] + vectors[:, 1] * vectors[:, 1] + vectors[:, 2] * vectors[:, 2]
+
+
+def _shift_vectors(unit_shifts: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    shifts = unit_shifts.astype(np.float64)
+    return shifts[:, 0:1] * cell[0] + shifts[:, 1:2] * cell[1] + shifts[:, 2:3] * cell[2]
+
+
+def _exact_canonical(positions: np.ndarray, cell: np.ndarray, sender: np.ndarray, receiver: np.ndarray,
+                     shifts: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs strictly closer than ``cutoff`` (zero-length self pairs dropped), sorted by (sender, receiver,
+    shift): the order of the sums in the model then never depends on the search algorithm or its bin size."""
+    edge_index = np.stack([sender, receiver]).astype(np.int64)
+    shifts = shifts.astype(np.int64)
+    keep = _squared_lengths(positions, cell, edge_index, _shift_vectors(shifts, cell)) < cutoff * cutoff
+    keep &= ~((edge_index[0] == edge_index[1]) & ~shifts.any(axis=1))
+    edge_index, shifts = edge_index[:, keep], shifts[keep]
+    order = _canonical_order(edge_index, shifts, len(positions))
+    return np.ascontiguousarray(edge_index[:, order]), np.ascontiguousarray(shifts[order])
+
+
+def _canonical_order(edge_index: np.ndarray, shifts: np.ndarray, n_atoms: int) -> np.ndarray:
+    if edge_index.shape[1] == 0:
+        return np.zeros(0, dtype=np.int64)
+    reach = int(np.abs(shifts).max())
+    base = 2 * reach + 1
+    if float(n_atoms) ** 2 * base**3 < 2.0**62:  # one int64 key (the backend's output is already nearly sorted)
+        code = ((shifts[:, 0] + reach) * base + shifts[:, 1] + reach) * base + shifts[:, 2] + reach
+        key = (edge_index[0] * n_atoms + edge_index[1]) * base**3 + code
+        return np.argsort(key, kind="stable")
+    return np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], edge_index[1], edge_index[0]))
+
+
+class VerletNeighbourList:
+    """A neighbour list with a skin, for MD and relaxations: rebuilt only when it could have missed a pair.
+
+    The list is built with ``cutoff + skin`` and, at every call, the pairs closer than ``cutoff`` are picked out of
+    it. It is rebuilt when the number of atoms, the atomic numbers or ``pbc`` changed, or when the largest atomic
+    displacement since the last build ``delta`` (measured in the cell of the last build) and the cell's strain
+    could bring a pair from beyond ``cutoff + skin`` to within ``cutoff``: the test is
+    ``2 delta + cutoff (1/s_min - 1) < skin`` with ``s_min`` the smallest singular value of ``h0^-1 h`` (1 for an
+    unchanged cell, so the rule is then "an atom moved more than half the skin"). With a non-periodic direction
+    any change of the cell rebuilds. Wrapping atoms back into the cell counts as a large move (it rebuilds).
+
+    The result is exactly :func:`neighbour_list` at ``cutoff`` (same pairs, same order, same arrays), so a model
+    gives bit-identical energies and forces with any skin; only the cost changes. ``skin=0`` searches afresh at
+    every call. Units: Å.
+
+    Attributes:
+        builds: how many times the list was searched (diagnostics, tests).
+        version: changes whenever the returned edge set changes (callers may cache tensors made from it).
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.0) -> None:
+        if not (np.isfinite(cutoff) and cutoff > 0):
+            raise ValueError(f"cutoff must be a positive length in Å, got {cutoff!r}")
+        if not (np.isfinite(skin) and skin >= 0):
+            raise ValueError(f"skin must be a length >= 0 in Å, got {skin!r}")
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self.builds = 0
+        self.version = 0
+        self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._edges: tuple[np.ndarray, np.ndarray] | None = None  # the list at cutoff + skin
+        self._shift_vectors: np.ndarray | None = None
+        self._shift_cell: np.ndarray | None = None
+        self._mask: np.ndarray | None = None
+        self._result: tuple[np.ndarray, np.ndarray] | None = None
+
+    def reset(self) -> None:
+        """Forget the cached list (the next call searches afresh)."""
+        self._reference = self._edges = self._shift_vectors = self._shift_cell = self._mask = self._result = None
+
+    def update(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, numbers: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``edge_index`` ``(2, E)`` (sender, receiver) and ``unit_shifts`` ``(E, 3)``, as :func:`neighbour_list`.
+
+        The arrays returned are shared with the cache: treat them as read-only.
+        """
+        positions = np.ascontiguousarray(positions, dtype=np.float64)
+        cell = np.array(cell, dtype=np.float64).reshape(3, 3)
+        pbc = np.asarray(pbc, dtype=bool).reshape(3)
+        numbers = np.zeros(len(positions), dtype=np.int64) if numbers is None else np.asarray(numbers).copy()
+        if not np.isfinite(positions).all():  # also keeps nan away from the search, which is very slow on it
+            bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+            raise ValueError(f"positions of atom(s) {bad[:10].tolist()} are not finite (nan or inf)")
+        if not np.isfinite(cell).all():
+            raise ValueError(f"the cell {cell.tolist()} is not finite (nan or inf)")
+        if self.skin == 0.0:
+            self.builds += 1
+            self.version += 1
+            return neighbour_list(positions, cell, pbc, self.cutoff)
+        if self._must_rebuild(positions, cell, pbc, numbers):
+            self.reset()
+            self._edges = neighbour_list(positions, cell, pbc, self.cutoff + self.skin)
+            self._reference = (positions.copy(), cell.copy(), pbc.copy(), numbers)
+            self.builds += 1
+        edge_index, shifts = self._edges
+        if self._shift_cell is None or not np.array_equal(cell, self._shift_cell):
+            self._shift_vectors, self._shift_cell = _shift_vectors(shifts, cell), cell.copy()
+        mask = _squared_lengths(positions, cell, edge_index, self._shift_vectors) < self.cutoff * self.cutoff
+        if self._result is None or not np.array_equal(mask, self._mask):
+            self._mask = mask
+            self._result = (np.ascontiguousarray(edge_index[:, mask]), np.ascontiguousarray(shifts[mask]))
+            self.version += 1
+        return self._result
+
+    def _must_rebuild(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, numbers: np.ndarray) -> bool:
+        if self._reference is None:
+            return True
+        positions0, cell0, pbc0, numbers0 = self._reference
+        if len(positions) != len(positions0) or not np.array_equal(pbc, pbc0) or not np.array_equal(numbers,
+                                                                                                      numbers0):
+            return True
+        allowance = self.skin * (1.0 - 1e-9) - 1e-9  # room for the backend's rounding at cutoff + skin
+        if np.array_equal(cell, cell0):
+            mapped, strain = positions, 0.0
+        elif not pbc.all():
+            return True
+        else:
+            try:
+                deformation = np.linalg.solve(cell0, cell)  # h0^-1 h (rows are lattice vectors)
+                mapped = np.linalg.solve(deformation.T, positions.T).T  # x h^-1 h0: positions in the old cell
+            except np.linalg.LinAlgError:
+                return True
+            smallest = float(np.linalg.svd(deformation, compute_uv=False).min())
+            strain = self.cutoff * (1.0 / smallest - 1.0) if smallest > 0 else np.inf
+        if len(positions) == 0:
+            return False
+        delta = float(np.sqrt(np.max(np.sum((mapped - positions0) ** 2, axis=1))))
+        return not (2.0 * delta + strain < allowance)  # written so that nan rebuilds

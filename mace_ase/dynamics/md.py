@@ -39,6 +39,7 @@ from mace_ase.dynamics.watchdog import Watchdog, WatchdogStop
 log = logging.getLogger(__name__)
 
 DEFAULT_WATCHDOG = Watchdog()  # frozen, so sharing one default instance is safe
+DEFAULT_MD_SKIN_A = 1.0  # Verlet skin (Å) run_md gives a MACE calculator that has none: rebuilds every ~10-50 steps
 SERIES_HEADER = "time_ps temperature_K potential_energy_eV total_energy_eV volume_A3 pressure_GPa"
 
 
@@ -136,6 +137,7 @@ def run_md(
     watchdog: Watchdog | None = DEFAULT_WATCHDOG,
     callback: Callable[[MDResult], None] | None = None,
     progress_every: int | None = None,
+    neighbour_skin_a: float | None = DEFAULT_MD_SKIN_A,
 ) -> MDResult:
     """Run molecular dynamics on ``atoms`` (in place) and return the logged series.
 
@@ -168,6 +170,10 @@ def run_md(
         callback: called with the result so far at every log step (e.g. for live plots).
         progress_every: steps between progress log lines when not on a terminal; ``None`` picks
             about 20 lines per run (a multiple of ``loginterval``, at least ``loginterval``).
+        neighbour_skin_a: Verlet skin (Å) given for this run to MACE calculators (also inside a
+            D3 sum) whose ``skin`` is 0; their skin is restored afterwards. The trajectory is
+            bit-identical with and without it (see :class:`mace_ase.neighbours.VerletNeighbourList`);
+            ``None`` leaves the calculator as it is.
 
     Returns:
         :class:`MDResult` with ``times_ps``, ``temperatures``, ``potential_energies``,
@@ -231,6 +237,8 @@ def run_md(
         line_every = _progress_line_interval(steps, loginterval, progress_every) if (
             progress is None and bar is None) else None
         series = _Series(logfile=log_handle)
+        if neighbour_skin_a is not None:
+            files.callback(_give_skin(atoms.calc, neighbour_skin_a))
         last_good = atoms.copy()
         start = time.perf_counter()
         done = 0
@@ -279,6 +287,23 @@ def _stop(atoms: Atoms, last_good: Atoms, reason: str, partial: MDResult, step: 
     )
     log.info(message)
     return WatchdogStop(message, partial, last_good, path)
+
+
+def _give_skin(calc: BaseCalculator, skin_a: float) -> Callable[[], None]:
+    """Set a Verlet skin on the MACE calculators in ``calc`` that have none; returns the undo."""
+    from mace_ase.calculator import MACECalculator
+
+    mixer = getattr(calc, "mixer", None)  # ASE's SumCalculator (D3 on top of MACE)
+    members = list(getattr(mixer, "calcs", None) or [calc])
+    changed = [member for member in members if isinstance(member, MACECalculator) and member.skin == 0.0]
+    for member in changed:
+        member.skin = skin_a
+
+    def undo() -> None:
+        for member in changed:
+            member.skin = 0.0
+
+    return undo
 
 
 def _thermalize(atoms: Atoms, temperature_k: float, rng: np.random.Generator) -> None:
