@@ -365,7 +365,7 @@ class Interaction(nn.Module):
             convolved = self.fused_convolution(h_up, sh, edge_feats, envelope, sender)
         else:
             convolved = self.convolution(h_up.index_select(0, sender), sh, edge_feats, envelope, n_nodes)
-        message = self.linear(convolved)  # [N, 16, C]
+        message = self.linear(convolved)  # [N, D, C], D = (l_max + 1)^2 components of the hidden irreps
         if self.use_density:
             edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [N*K, 1]
             if not self.apply_cutoff:
@@ -405,7 +405,7 @@ class SymmetricContraction(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, a_t: Tensor, species_counts: List[int]) -> Tensor:
-        """``a_t``: the interaction output as ``[C, D, N]`` (D = 16 for l <= 3); returns ``[C, M, N]``.
+        """``a_t``: the interaction output as ``[C, D, N]`` (D = (l_max + 1)^2: 16 for l_max = 3); returns ``[C, M, N]``.
 
         Monomials are gathered along the middle axis, which copies whole contiguous rows of N values.
         """
@@ -442,7 +442,7 @@ class Product(nn.Module):
         self.use_sc = use_sc
 
     def forward(self, a: Tensor, sc: Optional[Tensor], species_counts: List[int]) -> Tensor:
-        a_t = a.permute(2, 1, 0).contiguous()  # [C, 16, N]
+        a_t = a.permute(2, 1, 0).contiguous()  # [C, D, N]
         pieces: List[Tensor] = []
         for contraction in self.contractions:
             pieces.append(contraction(a_t, species_counts))
@@ -506,6 +506,7 @@ class MACE(nn.Module):
         super().__init__()
         self.register_buffer("atomic_numbers", atomic_numbers)  # [n_elements] Z of each model element
         self.register_buffer("r_max", torch.tensor(r_max, dtype=embedding.dtype))  # Å
+        # Not used by the forward pass: the LAMMPS `pair_style mace` contract needs it (ghost shell = T * r_max).
         self.register_buffer("num_interactions", torch.tensor(len(interactions)))
         self.r_max_value = r_max
         self.max_ell = max_ell
