@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import multiprocessing
-import shutil
-import subprocess
 import threading
 import time
 import zipfile
@@ -166,13 +164,14 @@ def test_git_blob_sha1_pinned_download(server, isolated, model_bytes):
     assert not (isolated / "tiny.model.sha256").exists()  # the catalogue checksum is the reference
 
 
-def test_git_blob_sha1_agrees_with_git(tmp_path, model_bytes):
-    if shutil.which("git") is None:
-        pytest.skip("git not installed")
+@pytest.mark.parametrize("data, blob", [
+    (b"", "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"),  # `git hash-object` of an empty file (git's empty blob)
+    (b"hello\n", "ce013625030ba8dba906f756967f9e9ca394464a"),  # `echo hello | git hash-object --stdin`
+])
+def test_git_blob_sha1_agrees_with_git(tmp_path, data, blob):
     path = tmp_path / "x.model"
-    path.write_bytes(model_bytes)
-    expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout
-    assert registry.file_digest(path, "gitsha1") == expected.strip()
+    path.write_bytes(data)
+    assert registry.file_digest(path, "gitsha1") == blob
 
 
 def test_503_then_200_is_retried(server, isolated, model_bytes):
@@ -386,3 +385,23 @@ def test_three_processes_download_once_and_all_succeed(server, isolated, model_b
     assert max(started for started, _ in outcomes) < server.finished  # all three asked while it was downloading
     assert server.hits["/files/tiny.model"] == 1
     assert (isolated / "tiny.model").read_bytes() == model_bytes
+
+
+def test_unresolvable_host_fails_at_once_without_retries(isolated, monkeypatch):
+    """Offline machines fail the DNS lookup every time: no back-off, one attempt, a message naming the way out."""
+    import socket
+
+    lookups, sleeps = [], []
+
+    def no_dns(*args, **kwargs):
+        lookups.append(args[0])
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(download_module.time, "sleep", sleeps.append)
+    entry = ModelEntry("tiny", "mp", "MIT", "float32", None, "https://models.example.invalid/tiny.model")
+    with pytest.raises(DownloadError, match="could not be resolved") as info:
+        registry.fetch_entry(entry)
+    assert "MACE_ASE_OFFLINE" in str(info.value) and "models.example.invalid" in str(info.value)
+    assert sleeps == [] and len(lookups) == 1
+    assert_nothing_usable(isolated)

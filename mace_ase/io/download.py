@@ -11,6 +11,8 @@ The sequence (``download``):
 6. ``os.replace`` the temporary file onto the destination (atomic on one file system).
 
 Connection errors, timeouts, bodies cut short and statuses 408, 429 and 5xx are retried with exponential back-off.
+A host name that cannot be resolved (DNS: no network, or a wrong name) is not retried: it fails at once, naming
+``MACE_ASE_OFFLINE``, instead of spending the back-off on a machine that has no network.
 Whatever happens, the temporary file is removed; the destination only ever appears complete and validated.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -77,6 +80,8 @@ def download(url: str, destination: Path, *, what: str, validate: Callable[[Path
             try:
                 _fetch_once(requests, url, temporary, what=what, destination=destination)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                if _name_resolution_failed(exc):
+                    raise _unresolved_host_error(what, url, destination, exc) from exc
                 raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
             if validate is not None:
                 validate(temporary)
@@ -123,6 +128,41 @@ def _fetch_once(requests, url: str, temporary: Path, *, what: str, destination: 
         start = source.read(512).lstrip().lower()
     if start.startswith((b"<!doctype html", b"<html")):
         raise _html_error(what, url, destination, status)
+
+
+def _name_resolution_failed(exc: BaseException) -> bool:
+    """True when a DNS lookup failed somewhere in ``exc``'s chain (``socket.gaierror``, as urllib3 wraps it).
+
+    Retrying does not help: offline machines fail this way at once, every time (even "temporary" EAI_AGAIN)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror) or type(error).__name__ == "NameResolutionError":
+            return True
+        pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
+        pending += [arg for arg in error.args if isinstance(arg, BaseException)]
+    return False
+
+
+def _unresolved_host_error(what: str, url: str, destination: Path, exc: BaseException) -> DownloadError:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or url
+    proxy = next((os.environ[name] for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
+                  if os.environ.get(name)), None)
+    through = f" (through the proxy {proxy})" if proxy else ""
+    return DownloadError(
+        f"Could not download {what} from {url}: the host name {host!r} could not be resolved{through}, so this "
+        f"machine seems to have no network (or no DNS); not retried. Nothing was written to {destination}. "
+        "Without network: set MACE_ASE_OFFLINE=1 and use a model already in the cache (MACE_ASE_CACHE_DIR, "
+        "MACE_ASE_CACHE_PATH) or a local .model file; `mace-ase models download NAME` fetches one on a machine "
+        "with network.",
+        url=url,
+    )
 
 
 def _html_error(what: str, url: str, destination: Path, status: int) -> DownloadError:
