@@ -147,3 +147,19 @@ def test_old_files_use_the_simplified_linear_layout() -> None:
         read = parse_irreps(interaction.module("linear").get("irreps_in"))
         assert len(read) < len(written)
         assert sum(mul * (2 * l + 1) for mul, l, _ in read) == sum(mul * (2 * l + 1) for mul, l, _ in written)
+
+
+@pytest.mark.parametrize("model", ["mp0_small_v033", "mp0_medium_v033", "mp0_large_v033"])
+def test_models_info_shows_old_files(model: str, capsys) -> None:
+    """``mace-ase models info FILE`` summarises the files written by mace-torch 0.3.3."""
+    import argparse
+
+    from mace_ase.cli import models as models_cli
+
+    parser = argparse.ArgumentParser(prog="mace-ase")
+    models_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["models", "info", str(model_path("references_v033.json", model))])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    entry = reference_set("references_v033.json")["models"][model]
+    assert "RealAgnosticResidualInteractionBlock" in out and entry["hidden_irreps"] in out
