@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -36,6 +37,10 @@ __all__ = ["ModelFileError", "PickledObject", "FunctionRef", "ModelFile", "read_
 
 class ModelFileError(ValueError):
     """The file is not a MACE model file this package can read safely."""
+
+
+_MAX_MODULE_DEPTH = 64  # official files nest modules about 6 deep
+_MAX_RATIO = 100  # largest uncompressed/compressed size of a member (torch stores members uncompressed: 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,10 +121,24 @@ class PickledObject:
         return node
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "PickledObject"]]:
-        yield prefix, self
-        for name, child in self.modules.items():
-            if isinstance(child, PickledObject):
-                yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+        """Every module below this one (depth first, each once, as torch's ``named_modules``).
+
+        Iterative with a memo, so that a damaged file whose modules form a cycle or share children (2**60 paths
+        in a few kB) costs one visit per module; deeper than ``_MAX_MODULE_DEPTH`` is refused.
+        """
+        seen: set[int] = set()
+        stack: list[tuple[str, PickledObject, int]] = [(prefix, self, 0)]
+        while stack:
+            name, module, depth = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if depth > _MAX_MODULE_DEPTH:
+                raise ModelFileError(f"modules nested deeper than {_MAX_MODULE_DEPTH} levels at {name[:200]!r}")
+            yield name, module
+            children = [(key, child) for key, child in module.modules.items() if isinstance(child, PickledObject)]
+            for key, child in reversed(children):
+                stack.append((f"{name}.{key}" if name else str(key), child, depth + 1))
 
     def __repr__(self) -> str:
         return f"<record of {self.class_name}>"
@@ -207,9 +226,29 @@ _FIELD_TUPLE_CLASSES = {"e3nn.o3._linear.Instruction", "e3nn.o3._tensor_product.
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
-    if 0 in tuple(size):
-        return storage.new_empty(tuple(size))
-    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+    if not isinstance(storage, torch.Tensor):
+        raise ModelFileError(f"a tensor is built from a {type(storage).__name__}, not from stored data")
+    size, stride = _integers(size, "size"), _integers(stride, "stride")
+    offset = _integers((offset,), "offset")[0]
+    if len(size) != len(stride):
+        raise ModelFileError(f"a tensor has size {size} but strides {stride}")
+    if 0 in size:
+        return storage.new_empty(size)
+    elements = 1
+    for extent in size:
+        elements *= extent
+    last = offset + sum((extent - 1) * step for extent, step in zip(size, stride))
+    if last >= storage.numel() or elements > max(storage.numel(), 1):  # out of its data, or overlapping views
+        raise ModelFileError(f"a tensor of size {list(size)[:8]}, strides {list(stride)[:8]} and offset {offset} "
+                             f"does not fit its stored data of {storage.numel()} elements")
+    return torch.as_strided(storage, size, stride, offset)
+
+
+def _integers(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or len(values) > 64 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in values):
+        raise ModelFileError(f"a tensor has an invalid {what}: {values!r:.100}")
+    return tuple(values)
 
 
 def _rebuild_parameter(data: torch.Tensor, *rest: Any) -> torch.Tensor:
@@ -339,7 +378,7 @@ def _unpickle(archive: zipfile.ZipFile, pickle_name: str) -> Any:
     storages: dict[str, torch.Tensor] = {}
 
     byteorder_name = f"{prefix}byteorder"
-    if byteorder_name in names and archive.read(byteorder_name).decode().strip() != "little":
+    if byteorder_name in names and _read_member(archive, byteorder_name).decode("latin1").strip() != "little":
         raise ModelFileError("model file was written on a big-endian machine; this is not supported")
 
     def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -348,7 +387,14 @@ def _unpickle(archive: zipfile.ZipFile, pickle_name: str) -> Any:
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise ModelFileError(f"model file lacks tensor data {member!r}: the file is truncated or damaged")
-            raw = bytearray(archive.read(member))
+            expected = numel * torch.empty(0, dtype=dtype).element_size()
+            declared = archive.getinfo(member).file_size
+            if numel < 0 or declared != expected:
+                raise ModelFileError(f"tensor data {member!r} holds {declared} bytes, but the pickle declares "
+                                     f"{numel} elements of {dtype} ({expected} bytes)")
+            raw = bytearray(_read_member(archive, member))
+            if len(raw) != expected:
+                raise ModelFileError(f"tensor data {member!r} holds {len(raw)} bytes, expected {expected}")
             if numel == 0 or len(raw) == 0:
                 cached = torch.empty(0, dtype=dtype)
             else:
@@ -356,7 +402,21 @@ def _unpickle(archive: zipfile.ZipFile, pickle_name: str) -> Any:
             storages[key] = cached
         return cached
 
-    return _RestrictedUnpickler(io.BytesIO(archive.read(pickle_name)), load_storage).load()
+    return _RestrictedUnpickler(io.BytesIO(_read_member(archive, pickle_name)), load_storage).load()
+
+
+def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A member's bytes, refusing one that would inflate far beyond its stored size (a zip bomb)."""
+    info = archive.getinfo(name)
+    if info.file_size > _MAX_RATIO * info.compress_size + (1 << 20):
+        raise ModelFileError(f"{name!r} declares {info.file_size} bytes from {info.compress_size} stored bytes "
+                             "(a zip bomb?)")
+    return archive.read(info)
+
+
+# What zipfile may raise on a damaged archive (bad headers, names that are not UTF-8, unknown zip versions, ...).
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+                   IndexError, KeyError, OverflowError, RuntimeError, struct.error)
 
 
 def directory_message(path: str | os.PathLike) -> str:
@@ -392,7 +452,7 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise ModelFileError(f"model file {path!r} does not exist")
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except _ARCHIVE_ERRORS as exc:
         with open(path, "rb") as handle:
             head = handle.read(64).lstrip().lower()
         hint = (
@@ -412,8 +472,15 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
             root = _unpickle(archive, pickles[0])
         except ModelFileError as exc:
             raise ModelFileError(f"{path!r}: {exc}") from None
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
-            raise ModelFileError(f"{path!r} could not be read as a model file: {type(exc).__name__}: {exc}") from None
+        except MemoryError:
+            raise ModelFileError(f"{path!r}: the file is corrupted or not a mace model: it declares more data "
+                                 "than fits in memory") from None
+        except RecursionError:
+            raise ModelFileError(f"{path!r}: the file is corrupted or not a mace model: its data is nested too "
+                                 "deeply") from None
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged archive or pickle makes the readers raise
+            raise ModelFileError(f"{path!r}: the file is corrupted or not a mace model: {type(exc).__name__}: "
+                                 f"{str(exc)[:300]}") from exc
     if not isinstance(root, PickledObject):
         raise ModelFileError(
             f"{path!r} holds a {type(root).__name__}, not a pickled MACE model (a state_dict or a training "

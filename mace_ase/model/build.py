@@ -680,7 +680,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     Raises:
         ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
     """
-    model = build_model(read_model_file(path))
+    model_file = read_model_file(path)
+    try:
+        model = build_model(model_file)
+    except ModelFileError:
+        raise
+    except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError, RecursionError, MemoryError,
+            RuntimeError) as exc:  # a damaged file whose records do not fit together
+        raise ModelFileError(f"{model_file.path!r}: the file is corrupted or not a mace model: "
+                             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     model = model.to(device=torch.device(resolve_device(device)), dtype=resolve_dtype(dtype))
     if fused:
         from mace_ase.model.fused import enable_fused
