@@ -12,10 +12,13 @@ dtype, run the model (energy, forces and the strain derivative in one backward p
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import logging
 import os
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,15 +29,18 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
 from mace_ase.neighbours import VerletNeighbourList
+from mace_ase import validation
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MACECalculator"]
 
-# mace-torch keyword arguments that select an acceleration backend or extra outputs: results are unchanged, so they
-# are accepted (scripts written for mace-torch keep working) and ignored with a log message.
-_IGNORED_MACE_OPTIONS = ("enable_cueq", "enable_oeq", "compile_mode", "fullgraph", "compute_atomic_stresses",
-                         "charges_key", "info_keys", "arrays_keys")
+# mace-torch keyword arguments that select an acceleration backend or extra inputs: results are unchanged, so they
+# are accepted (scripts written for mace-torch keep working) and ignored with a warning, once per process and option.
+_IGNORED_MACE_OPTIONS = ("enable_cueq", "enable_oeq", "compile_mode", "fullgraph", "charges_key", "info_keys",
+                         "arrays_keys")
+_WARNED_OPTIONS: set[str] = set()
+_OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _UNIT_OPTIONS = ("energy_units_to_eV", "length_units_to_A")  # mace-torch unit conversions: only 1.0 is supported
 _ASE_OPTIONS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
 
@@ -52,7 +58,8 @@ class MACECalculator(Calculator):
             :class:`~mace_ase.model.mace.MACE` module (or a list of them). A module passed in is never changed:
             it is used as it is when it already has this device and dtype (and is in eval mode), else a copy is
             converted, so one module can serve several calculators of different dtypes or devices.
-        device: ``"cpu"``, ``"cuda"``/``"cuda:N"``; ``None`` picks CUDA when available.
+        device: ``"cpu"``, ``"cuda"``/``"cuda:N"``; ``None`` or ``"auto"`` picks CUDA when available. A CUDA
+            device this torch cannot use (a CPU-only build, no visible GPU) is refused here, saying what to do.
         default_dtype: ``"float64"`` or ``"float32"`` (float64 weights rounded to float32, as mace-torch does).
             Torch's global default dtype is never changed.
         head: which head of a multi-head model to use; ``None`` means the only head, or the one named "Default".
@@ -61,20 +68,54 @@ class MACECalculator(Calculator):
             cell has strained too far. Results are bit-identical for every skin; only the cost changes. ``0``
             (default) searches afresh at every call, the cheapest for unrelated structures; ``run_md`` uses 1 Å
             for its run when the calculator's skin is 0 (attribute ``skin``, settable).
+        compute_atomic_stresses: also compute per-atom stresses ``stresses`` at every call (``atoms.get_stresses()``
+            computes them on request anyway): mace-torch's definition, each edge's virial split half to each end,
+            over the cell volume; they sum to ``stress``. Fully periodic systems only.
+        num_threads: CPU threads torch uses during this calculator's calls (the caller's setting is restored after
+            each call; torch's setting is per process, so two calculators with different values should not run
+            at the same time in two threads). ``None``: leave torch's setting alone.
+        memory_limit_gb: memory budget per call (GB); a structure whose estimated neighbour count needs more is
+            refused before anything is allocated. ``None``: ``$MACE_ASE_MEMORY_LIMIT_GB``, else 80 % of the memory
+            available at the call (GPU memory on CUDA).
+        min_distance: atoms closer than this (Å) are refused, naming them (duplicated atoms give NaN in MACE);
+            ``0`` turns the check off.
+        model_path: mace-torch's older singular spelling of ``model_paths`` (deprecated).
+
+    Bad input (NaN/inf positions or cell, atomic numbers outside 1..118, elements the model lacks, a periodic cell
+    without volume, atoms on top of each other, a request too large for memory) raises a clear error before any
+    model work, and the calculator stays usable. An empty ``Atoms`` gives zero energy, ``(0, 3)`` forces and zero
+    stress (ASE's convention). Provenance (model file name, its SHA-256, package and torch versions, device,
+    dtype, head) is in ``calc.parameters``. A calculator made from files can be pickled (it reloads them, checking
+    their SHA-256); ``copy.deepcopy`` always works. One calculator must not be used by two threads at once; two
+    calculators in two threads are independent.
 
     Properties: ``energy`` and ``free_energy`` (eV), ``forces`` (eV/Å), ``stress`` (eV/Å³, only for fully
-    periodic systems), ``energies`` (per atom, including the isolated-atom energies E0, eV) and ``node_energy``
-    (per atom, without E0, eV).
+    periodic systems), ``stresses`` (per atom, Voigt ``(N, 6)``, eV/Å³, fully periodic only), ``energies`` (per
+    atom, including the isolated-atom energies E0, eV) and ``node_energy`` (per atom, without E0, eV). Method
+    :meth:`get_descriptors` gives mace's per-atom descriptors.
     """
 
-    implemented_properties = ("energy", "free_energy", "forces", "stress", "energies", "node_energy")
+    implemented_properties = ("energy", "free_energy", "forces", "stress", "stresses", "energies", "node_energy")
 
-    def __init__(self, model_paths: str | os.PathLike | MACE | Sequence[str | os.PathLike | MACE],
+    def __init__(self, model_paths: str | os.PathLike | MACE | Sequence[str | os.PathLike | MACE] | None = None,
                  device: str | None = None, default_dtype: str = "float64", head: str | None = None,
-                 skin: float = 0.0, **kwargs: Any) -> None:
+                 skin: float = 0.0, compute_atomic_stresses: bool = False, num_threads: int | None = None,
+                 memory_limit_gb: float | None = None, min_distance: float = 0.1, **kwargs: Any) -> None:
+        if "model_path" in kwargs:  # mace-torch's older, singular spelling
+            warnings.warn("MACECalculator(model_path=...) is deprecated; use model_paths=...", DeprecationWarning,
+                          stacklevel=2)
+            if model_paths is not None:
+                raise TypeError("give model_paths or model_path, not both")
+            model_paths = kwargs.pop("model_path")
+        if model_paths is None:
+            raise TypeError("MACECalculator needs model_paths: a .model file, a list of them or a loaded model")
         for option in _IGNORED_MACE_OPTIONS:
             if option in kwargs:
-                log.info("option %s=%r is a mace-torch backend switch; mace-ase ignores it", option, kwargs.pop(option))
+                value = kwargs.pop(option)
+                if option not in _WARNED_OPTIONS:
+                    _WARNED_OPTIONS.add(option)
+                    log.warning("option %s=%r is a mace-torch backend switch; mace-ase ignores it (its results do "
+                                "not depend on it)", option, value)
         model_type = kwargs.pop("model_type", "MACE")
         if model_type != "MACE":
             raise ValueError(f"model_type={model_type!r} is not supported: mace-ase computes energies "
@@ -85,17 +126,28 @@ class MACECalculator(Calculator):
         unknown = sorted(set(kwargs) - set(_ASE_OPTIONS))
         if unknown:
             raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, "
-                            f"device, default_dtype, head, skin and ASE's {list(_ASE_OPTIONS)}")
+                            "device, default_dtype, head, skin, compute_atomic_stresses, num_threads, "
+                            f"memory_limit_gb, min_distance and ASE's {list(_ASE_OPTIONS)}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer or None, not {num_threads!r}")
+        if not float(min_distance) >= 0.0:
+            raise ValueError(f"min_distance must be >= 0 Å, not {min_distance!r}")
+        validation.memory_budget(memory_limit_gb, "cpu")  # a bad limit fails now, not at the first call
         super().__init__(**kwargs)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = validation.resolve_torch_device(device)
         self.dtype = resolve_dtype(default_dtype, "default_dtype")
+        self.compute_atomic_stresses = bool(compute_atomic_stresses)
+        self.num_threads = num_threads
+        self.memory_limit_gb = memory_limit_gb
+        self.min_distance = float(min_distance)
 
         sources = list(model_paths) if isinstance(model_paths, (list, tuple)) else [model_paths]
         if not sources:
             raise ValueError("model_paths is empty: give a .model file or a loaded model")
         self.models = [self._load(source) for source in sources]
+        self._sources = [os.fspath(source) if isinstance(source, (str, os.PathLike)) else None for source in sources]
+        self._options = dict(default_dtype=default_dtype, skin=skin, compute_atomic_stresses=compute_atomic_stresses,
+                             num_threads=num_threads, memory_limit_gb=memory_limit_gb, min_distance=min_distance)
         reference = self.models[0]
         for other in self.models[1:]:
             if other.r_max_value != reference.r_max_value or other.heads != reference.heads or not torch.equal(
@@ -105,6 +157,7 @@ class MACECalculator(Calculator):
         self.r_max = reference.r_max_value
         self.heads = list(reference.heads)
         self.head = self._select_head(head)
+        self._record_provenance()
         self.atomic_numbers = reference.atomic_numbers.cpu().numpy()
         self._species_of_z = np.full(max(int(self.atomic_numbers.max()) + 1, 119), -1, dtype=np.int64)
         self._species_of_z[self.atomic_numbers] = np.arange(len(self.atomic_numbers))
@@ -120,6 +173,30 @@ class MACECalculator(Calculator):
     def skin(self, value: float) -> None:
         self._neighbours = VerletNeighbourList(self.r_max, value)
         self._edge_tensors = None
+
+    def _record_provenance(self) -> None:
+        """What produced the results, in ``calc.parameters`` (written to trajectories and ``calc.todict()``)."""
+        import mace_ase
+
+        def sha256(path: str | None) -> str | None:
+            if path is None:
+                return None
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+
+        names = [os.path.basename(path) if path else "in-memory MACE module" for path in self._sources]
+        digests = [sha256(path) for path in self._sources]
+        self.model_sha256 = digests
+        one = len(names) == 1
+        self.parameters.update(
+            model=names[0] if one else names, model_path=self._sources[0] if one else self._sources,
+            model_sha256=digests[0] if one else digests, head=self.heads[self.head],
+            mace_ase_version=mace_ase.__version__, torch_version=torch.__version__, device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+        )
 
     def _load(self, source: Any) -> MACE:
         if isinstance(source, (str, os.PathLike)):
@@ -150,7 +227,9 @@ class MACECalculator(Calculator):
     # ---------------------------------------------------------------------------------------------------------
 
     def _graph(self, atoms) -> dict[str, torch.Tensor]:
-        """The model inputs for ``atoms`` on the model's device and dtype."""
+        """The model inputs for ``atoms`` on the model's device and dtype, after the checks of
+        :mod:`mace_ase.validation` (a clear error for a broken structure, before any model work)."""
+        self._check(atoms)
         numbers = atoms.numbers
         species = self._species_of_z[np.clip(numbers, 0, len(self._species_of_z) - 1)]
         if (species < 0).any() or (numbers >= len(self._species_of_z)).any():
@@ -159,9 +238,10 @@ class MACECalculator(Calculator):
                 f"the model has no parameters for element(s) {_elements(missing)}; it knows "
                 f"{_elements(self.atomic_numbers)}"
             )
-        positions = atoms.positions
+        positions = np.asarray(atoms.positions, dtype=np.float64)  # float32 arrays too
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
         edge_index, unit_shifts = self._neighbours.update(positions, cell, atoms.pbc, numbers)
+        self._check_edges(positions, cell, edge_index, unit_shifts)
         as_float = dict(device=self.device, dtype=self.dtype)
         version = self._neighbours.version
         if self._edge_tensors is None or self._edge_tensors[0] != version:  # unchanged graph: reuse its tensors
@@ -175,17 +255,65 @@ class MACECalculator(Calculator):
             "unit_shifts": self._edge_tensors[2],
         }
 
+    def _check(self, atoms) -> None:
+        """Structure checks and the edge-count/memory estimate, before the neighbour list is built."""
+        positions = np.asarray(atoms.positions, dtype=np.float64)
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        validation.check_structure(atoms.numbers, positions, cell, atoms.pbc)
+        estimate = validation.estimate_edges(positions, cell, atoms.pbc, self.r_max + self.skin)
+        validation.check_edge_budget(estimate, len(atoms), self._bytes_per_edge(), self._memory_budget())
+        validation.check_search_cost(len(atoms), cell, atoms.pbc, self.r_max + self.skin)
+
+    def _check_edges(self, positions: np.ndarray, cell: np.ndarray, edge_index: np.ndarray,
+                     unit_shifts: np.ndarray) -> None:
+        """On the built list: the exact edge count against the budget, and no atoms closer than min_distance."""
+        validation.check_edge_budget(edge_index.shape[1], len(positions), self._bytes_per_edge(),
+                                     self._memory_budget(), what="counted")
+        if edge_index.shape[1] and self.min_distance > 0:
+            vectors = positions[edge_index[1]] - positions[edge_index[0]] + unit_shifts @ cell
+            validation.check_close_pairs(np.sqrt((vectors * vectors).sum(axis=1)), edge_index, self.min_distance)
+
+    def _bytes_per_edge(self) -> int:
+        return validation.bytes_per_edge(int(self.models[0].embedding.shape[1]), torch.finfo(self.dtype).bits // 8)
+
+    def _memory_budget(self) -> int:
+        return validation.memory_budget(self.memory_limit_gb, self.device.type)
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """``num_threads`` CPU threads for the duration of a call; the caller's setting is restored afterwards."""
+        if self.num_threads is None:
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        periodic = bool(self.atoms.pbc.all())
-        if "stress" in properties and not periodic:
-            raise PropertyNotImplementedError(
-                f"stress is only defined for fully periodic systems; these atoms have pbc={self.atoms.pbc.tolist()}"
-            )
-        if periodic and self.atoms.cell.volume < 1e-9:
-            raise ValueError("the atoms are periodic but their cell has zero volume")
-        graph = self._graph(self.atoms)
-        outputs = [model(**graph, head=self.head, compute_stress=periodic) for model in self.models]
+        try:
+            with self._threads():
+                self.results = self._evaluate(self.atoms, properties)
+        except BaseException:
+            self.reset()  # no half-set atoms or results: the next call computes afresh
+            raise
+
+    def _evaluate(self, atoms, properties) -> dict[str, Any]:
+        periodic = bool(atoms.pbc.all())
+        for name in ("stress", "stresses"):
+            if name in properties and not periodic:
+                raise PropertyNotImplementedError(
+                    f"{name} is only defined for fully periodic systems; these atoms have pbc={atoms.pbc.tolist()}"
+                )
+        atomic = periodic and (self.compute_atomic_stresses or "stresses" in properties)
+        if len(atoms) == 0:
+            self._check(atoms)
+            return self._empty_results(periodic, atomic)
+        graph = self._graph(atoms)
+        outputs = [self._run(model, graph, periodic, atomic) for model in self.models]
 
         def stack(key: str) -> np.ndarray:
             return np.stack([out[key].detach().cpu().to(torch.float64).numpy() for out in outputs])
@@ -193,7 +321,7 @@ class MACECalculator(Calculator):
         energy, forces, stress = stack("energy"), stack("forces"), stack("stress")
         node_energy = stack("node_energy")
         e0 = outputs[0]["atomic_energies"].cpu().numpy()
-        self.results = {
+        results = {
             "energy": float(energy.mean()),
             "free_energy": float(energy.mean()),
             "forces": forces.mean(axis=0),
@@ -201,12 +329,112 @@ class MACECalculator(Calculator):
             "node_energy": node_energy.mean(axis=0),
         }
         if periodic:
-            self.results["stress"] = full_3x3_to_voigt_6_stress(stress.mean(axis=0))
+            results["stress"] = full_3x3_to_voigt_6_stress(stress.mean(axis=0))
+        if atomic:  # per atom, Voigt, as mace-torch's results["stresses"]
+            results["stresses"] = full_3x3_to_voigt_6_stress(stack("atomic_stresses").mean(axis=0))
         if len(self.models) > 1:
-            self.results["energy_var"] = float(energy.var())
-            self.results["forces_var"] = forces.var(axis=0)
+            results["energy_var"] = float(energy.var())
+            results["forces_var"] = forces.var(axis=0)
             if periodic:
-                self.results["stress_var"] = full_3x3_to_voigt_6_stress(stress.var(axis=0))
+                results["stress_var"] = full_3x3_to_voigt_6_stress(stress.var(axis=0))
+        return results
+
+    def _run(self, model: MACE, graph: dict[str, torch.Tensor], periodic: bool, atomic: bool
+             ) -> dict[str, torch.Tensor]:
+        """One model call; out-of-memory becomes :class:`~mace_ase.validation.InsufficientMemoryError`."""
+        message = None
+        try:
+            return model(**graph, head=self.head, compute_stress=periodic, compute_atomic_stresses=atomic)
+        except (_OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, _OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            # Only the text is kept: the exception's traceback would hold the call's tensors alive.
+            message = (f"out of memory on {self.device} evaluating {graph['species'].shape[0]} atoms with "
+                       f"{graph['edge_index'].shape[1]} edges ({str(exc).splitlines()[0][:200]}); try "
+                       "default_dtype='float32', a smaller system, or evaluating it in chunks (fewer atoms per "
+                       "call); the calculator is still usable")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise validation.InsufficientMemoryError(message)
+
+    def _empty_results(self, periodic: bool, atomic: bool) -> dict[str, Any]:
+        """ASE's convention for a structure without atoms: zero energy, ``(0, 3)`` forces, zero stress."""
+        results: dict[str, Any] = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((0, 3)),
+                                   "energies": np.zeros(0), "node_energy": np.zeros(0)}
+        if periodic:
+            results["stress"] = np.zeros(6)
+        if atomic:
+            results["stresses"] = np.zeros((0, 6))
+        if len(self.models) > 1:
+            results.update(energy_var=0.0, forces_var=np.zeros((0, 3)))
+            if periodic:
+                results["stress_var"] = np.zeros(6)
+        return results
+
+    def get_descriptors(self, atoms=None, invariants_only: bool = True, num_layers: int = -1
+                        ) -> np.ndarray | list[np.ndarray]:
+        """Per-atom MACE descriptors: the node features after each layer, as mace-torch's ``get_descriptors``.
+
+        Args:
+            atoms: the structure (default: the last one calculated).
+            invariants_only: only the scalar (l = 0) channels of each layer: ``(N, C * num_layers)``. Otherwise every
+                component, e3nn's layout per layer (irreps in order, channel-major, m minor): ``(N, sum_t D_t C)``;
+                the last layer has scalars only.
+            num_layers: how many layers, from the first; -1 means all.
+
+        Returns:
+            An array ``(N, features)`` in the model's dtype, or a list of them (one per model) for a committee.
+        """
+        atoms = atoms if atoms is not None else self.atoms
+        if atoms is None:
+            raise ValueError("get_descriptors needs atoms")
+        available = len(self.models[0].interactions)
+        if num_layers == -1:
+            num_layers = available
+        if not isinstance(num_layers, int) or not 1 <= num_layers <= available:
+            raise ValueError(f"num_layers must be -1 or 1..{available} (this model has {available} layers), "
+                             f"not {num_layers!r}")
+        with self._threads(), torch.no_grad():
+            graph = self._graph(atoms)
+            positions, edge_index = graph["positions"], graph["edge_index"]
+            vectors = positions[edge_index[1]] - positions[edge_index[0]] + graph["unit_shifts"] @ graph["cell"]
+            descriptors = []
+            for model in self.models:
+                features = model.node_features(vectors, edge_index, graph["species"])[:num_layers]
+                if invariants_only:
+                    pieces = [h[:, 0, :] for h in features]
+                else:  # [N, D, C] -> per irrep l: [N, C, 2l+1] flattened (e3nn's "mul x ir" layout)
+                    pieces = [h[:, l * l:(l + 1) * (l + 1), :].transpose(1, 2).reshape(h.shape[0], -1)
+                              for h in features for l in range(int(round(h.shape[1] ** 0.5)))]
+                descriptors.append(torch.cat(pieces, dim=1).cpu().numpy())
+        return descriptors[0] if len(descriptors) == 1 else descriptors
+
+    # Pickling and copying ---------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled calculator is its construction arguments; unpickling reloads the model file(s) and checks that
+        their SHA-256 is unchanged. Cached results and atoms are not carried over."""
+        if any(source is None for source in self._sources):
+            raise TypeError("this MACECalculator was made from an in-memory MACE module, which cannot be pickled: "
+                            "make it from the .model file(s) (model_paths=...) to pickle it or send it to another "
+                            "process (copy.deepcopy works either way)")
+        return {"model_paths": self._sources, "model_sha256": self.model_sha256, "device": str(self.device),
+                "head": self.heads[self.head], "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        paths = state["model_paths"]
+        self.__init__(paths if len(paths) > 1 else paths[0], device=state["device"], head=state["head"],
+                      **state["options"])
+        if self.model_sha256 != state["model_sha256"]:
+            raise ValueError(f"the model file(s) {paths} changed since this calculator was pickled (SHA-256 "
+                             f"{state['model_sha256']} then, {self.model_sha256} now)")
+
+    def __deepcopy__(self, memo: dict) -> "MACECalculator":
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
 
     def get_hessian(self, atoms=None) -> np.ndarray:
         """Second derivatives of the energy with respect to positions, ``(3N, 3N)`` in eV/Å², by autograd.
@@ -217,14 +445,15 @@ class MACECalculator(Calculator):
         atoms = atoms if atoms is not None else self.atoms
         if atoms is None:
             raise ValueError("get_hessian needs atoms")
-        graph = self._graph(atoms)
-        positions = graph.pop("positions").requires_grad_(True)
-        model = self.models[0]
-        energy = model.interaction_energy(positions, head=self.head, **graph)
-        (gradient,) = torch.autograd.grad(energy, positions, create_graph=True)
-        gradient = gradient.reshape(-1)
-        rows = []
-        for index in range(gradient.shape[0]):
-            (row,) = torch.autograd.grad(gradient[index], positions, retain_graph=True)
-            rows.append(row.reshape(-1))
-        return torch.stack(rows).detach().cpu().to(torch.float64).numpy()
+        with self._threads():
+            graph = self._graph(atoms)
+            positions = graph.pop("positions").requires_grad_(True)
+            model = self.models[0]
+            energy = model.interaction_energy(positions, head=self.head, **graph)
+            (gradient,) = torch.autograd.grad(energy, positions, create_graph=True)
+            gradient = gradient.reshape(-1)
+            rows = []
+            for index in range(gradient.shape[0]):
+                (row,) = torch.autograd.grad(gradient[index], positions, retain_graph=True)
+                rows.append(row.reshape(-1))
+            return torch.stack(rows).detach().cpu().to(torch.float64).numpy()

@@ -97,13 +97,16 @@ def mace_mp(
         dispersion_xc: functional whose D3 parameters are used, only with ``dispersion=True``.
         dispersion_cutoff: D3 cutoff in Å (default 40 Bohr = 21.17 Å), only with ``dispersion=True``.
         head: head of a multi-head model (``mh-0``, ``mh-1``); None uses the model's default head.
-        **kwargs: passed to ``MACECalculator``.
+        **kwargs: passed to ``MACECalculator``; ``return_raw_model=True`` (as in mace-torch) returns the loaded
+            :class:`~mace_ase.model.mace.MACE` module instead of a calculator (every function here accepts it).
 
     Returns:
-        a ``MACECalculator``, or the D3 sum calculator when ``dispersion=True``.
+        a ``MACECalculator``, or the D3 sum calculator when ``dispersion=True``, or the ``MACE`` module.
     """
     if not isinstance(dispersion, bool):
         raise TypeError(f"dispersion must be True or False, not {dispersion!r} ({type(dispersion).__name__})")
+    if dispersion and kwargs.get("return_raw_model"):
+        raise ValueError("return_raw_model=True returns the MACE module alone; it cannot include dispersion=True")
     calculator = _build("mace_mp", FUNCTION_FAMILIES["mace_mp"], model, device, default_dtype, head, kwargs)
     if not dispersion:
         return calculator
@@ -191,6 +194,13 @@ def _build(function: str, families: Iterable[str], model, device, default_dtype,
             raise ValueError(f"model {entry.name!r} must be used with head {entry.head!r}, not {head!r}")
         head = entry.head
     device = resolve_device(device)
+    if kwargs.pop("return_raw_model", False):  # mace-torch's switch: the model module itself, no calculator
+        from mace_ase.model.build import load_model
+
+        model_module = load_model(path, device=device, dtype=resolve_dtype(default_dtype, "default_dtype"))
+        if entry is not None:
+            licence_notice(entry)
+        return model_module
     from mace_ase.calculator import MACECalculator
 
     log.info("%s: model %s (%s) on %s in %s", function, entry.name if entry else model, path, device, default_dtype)

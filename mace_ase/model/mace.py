@@ -523,6 +523,29 @@ class MACE(nn.Module):
         self.use_zbl = zbl is not None
         self.zbl = zbl if zbl is not None else nn.Identity()
 
+    def edge_geometry(self, vectors: Tensor, species: Tensor, sender: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Length ``[N*K, 1]`` (Å) and sender/receiver atomic numbers of every edge in the padded layout."""
+        z = self.atomic_numbers[species]
+        # max(.., 1): an empty graph has no rows to repeat (and no ZeroDivisionError)
+        z_receiver = z.repeat_interleave(sender.shape[0] // max(species.shape[0], 1))
+        return torch.linalg.vector_norm(vectors, dim=-1, keepdim=True), z[sender], z_receiver
+
+    def layer_features(self, vectors: Tensor, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor,
+                       species: Tensor, sender: Tensor, species_counts: List[int]) -> List[Tensor]:
+        """Node features ``h^(t)`` after each layer's product, each ``[N, D_t, C]`` (sorted, padded layout).
+
+        The one message-passing loop, shared by :meth:`node_energies` and :meth:`node_features`.
+        """
+        sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
+        edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
+        h = self.embedding[species].unsqueeze(1)  # [N, 1, C]: layer-0 features are scalars
+        features: List[Tensor] = []
+        for interaction, product in zip(self.interactions, self.products):
+            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts)
+            h = product(message, sc, species_counts)
+            features.append(h)
+        return features
+
     def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, head: int, species_counts: List[int]
                       ) -> Tensor:
         """Interaction energy of every node (eV, scale and shift applied, E0 excluded).
@@ -531,26 +554,27 @@ class MACE(nn.Module):
         layout of :meth:`pad_edges`: ``vectors`` and ``sender`` have N*K rows, rows i*K..i*K+K-1 belong to receiver i.
         """
         n_nodes = species.shape[0]
-        lengths = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)  # [N*K, 1]
-        z = self.atomic_numbers[species]
-        z_sender = z[sender]
-        z_receiver = z.repeat_interleave(sender.shape[0] // n_nodes)
-        sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
-        edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
-
+        lengths, z_sender, z_receiver = self.edge_geometry(vectors, species, sender)
         node_energy = torch.zeros(n_nodes, dtype=vectors.dtype, device=vectors.device)
         if self.use_zbl:
             node_energy = node_energy + self.zbl(lengths, z_sender, z_receiver).view(n_nodes, -1).sum(dim=1)
-
-        h = self.embedding[species].unsqueeze(1)  # [N, 1, C]: layer-0 features are scalars
-        features: List[Tensor] = []
-        for interaction, product in zip(self.interactions, self.products):
-            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts)
-            h = product(message, sc, species_counts)
-            features.append(h)
+        features = self.layer_features(vectors, lengths, z_sender, z_receiver, species, sender, species_counts)
         for index, readout in enumerate(self.readouts):
             node_energy = node_energy + readout(features[self.readout_layers[index]], head)
         return self.scale[head] * node_energy + self.shift[head]
+
+    def node_features(self, vectors: Tensor, edge_index: Tensor, species: Tensor) -> List[Tensor]:
+        """Node features after each layer, in input order: a list of ``[N, D_t, C]`` tensors (``D_t = sum (2l+1)``
+        over the layer's irreps, l = 0 first; channel last). These are mace's descriptors (``node_feats``).
+
+        Same graph inputs as :meth:`graph_energies` (edge vectors in Å, ``edge_index`` (sender, receiver)).
+        """
+        order, inverse, species_sorted, counts, sender, receiver = self.group_by_element(species, edge_index)
+        padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, species.shape[0])
+        lengths, z_sender, z_receiver = self.edge_geometry(padded_vectors, species_sorted, padded_sender)
+        features = self.layer_features(padded_vectors, lengths, z_sender, z_receiver, species_sorted, padded_sender,
+                                       counts)
+        return [h[inverse] for h in features]
 
     def group_by_element(self, species: Tensor, edge_index: Tensor
                          ) -> Tuple[Tensor, Tensor, Tensor, List[int], Tensor, Tensor]:
@@ -624,7 +648,8 @@ class MACE(nn.Module):
         return self.graph_energies(vectors, edge_index, species, head).sum()
 
     def forward(self, positions: Tensor, cell: Tensor, species: Tensor, edge_index: Tensor, unit_shifts: Tensor,
-                head: int = 0, compute_stress: bool = True) -> Dict[str, Tensor]:
+                head: int = 0, compute_stress: bool = True, compute_atomic_stresses: bool = False
+                ) -> Dict[str, Tensor]:
         """Energy, forces and stress of one structure.
 
         Args:
@@ -636,6 +661,9 @@ class MACE(nn.Module):
                 ``positions[receiver] - positions[sender] + unit_shifts @ cell``.
             head: index in :attr:`heads`.
             compute_stress: also return the stress (needs a cell of non-zero volume).
+            compute_atomic_stresses: also return ``atomic_stresses`` ``[N, 3, 3]`` (eV/Å³): each edge's virial
+                ``sym(r_e (x) g_e)`` split half to its sender and half to its receiver, over the cell volume (mace's
+                definition); they sum to ``stress``. Needs a cell of non-zero volume.
 
         Returns:
             ``energy`` (0-d, eV), ``node_energy`` ``[N]`` (float64, eV, without E0), ``atomic_energies`` ``[N]``
@@ -655,10 +683,17 @@ class MACE(nn.Module):
             virial = 0.5 * (virial + virial.transpose(0, 1))
             stress = virial / torch.abs(torch.linalg.det(cell))
 
-        return {
+        results = {
             "energy": energy.detach(),
             "node_energy": node_inter.to(torch.float64),
             "atomic_energies": node_e0.to(torch.float64),
             "forces": forces,
             "stress": stress,
         }
+        if compute_atomic_stresses:
+            edge_virial = vectors.unsqueeze(2) * edge_grad.unsqueeze(1)  # [E, 3, 3] r_e (x) g_e
+            edge_virial = 0.5 * (edge_virial + edge_virial.transpose(1, 2))
+            atom_virial = torch.zeros(positions.shape[0], 3, 3, dtype=positions.dtype, device=positions.device)
+            atom_virial = atom_virial.index_add(0, sender, edge_virial).index_add(0, receiver, edge_virial)
+            results["atomic_stresses"] = 0.5 * atom_virial / torch.abs(torch.linalg.det(cell))
+        return results
