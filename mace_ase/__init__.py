@@ -21,6 +21,7 @@ _EXPORTS = {
     "MACECalculator": "mace_ase.calculator",
     "load_model": "mace_ase.model.build",
     "export_torchscript": "mace_ase.model.build",
+    "export_program": "mace_ase.model.export",
     "hyperparameters": "mace_ase.model.build",
     "read_model_file": "mace_ase.io.model_file",
     "mace_mp": "mace_ase.foundations",
