@@ -704,11 +704,11 @@ def export_torchscript(model: MACE, path: str | os.PathLike, lammps: bool = Fals
     ``heads`` as attributes. With ``lammps=True`` it is instead the interface of mace-torch's LAMMPS
     ``pair_style mace`` for head index ``head`` (see :mod:`mace_ase.model.lammps_wrapper`), in the model's dtype.
     """
+    from mace_ase.model.export import save_torchscript  # torch 2.13's TorchScript deprecation silenced there only
+
     if lammps:
         from mace_ase.model.lammps_wrapper import LammpsMACE
 
-        scripted = torch.jit.script(LammpsMACE(model, head))
-        torch.jit.save(scripted, os.fspath(path))
+        save_torchscript(LammpsMACE(model, head), path)
         return
-    scripted = torch.jit.script(model)
-    torch.jit.save(scripted, os.fspath(path))
+    save_torchscript(model, path)
