@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mace_ase.options import default_device
+
 # Memory the model needs per edge, per feature channel, per byte of the float type: measured on MACE-MP-0 medium
 # (128 channels, two layers, float64: about 80 kB per edge at peak, forward and backward together) and rounded up.
 _BYTES_PER_EDGE_PER_CHANNEL_ITEM = 80
@@ -199,7 +201,7 @@ def resolve_torch_device(device: str | None) -> "torch.device":  # noqa: F821 --
     import torch
 
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
