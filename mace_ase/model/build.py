@@ -14,7 +14,6 @@ converted files, dipole/polarisability models.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,6 @@ from mace_ase.model.mace import (
     ZBLRepulsion,
 )
 
-log = logging.getLogger(__name__)
 
 __all__ = ["Architecture", "UnsupportedModelError", "hyperparameters", "read_architecture", "build_model", "load_model",
            "export_torchscript", "Irreps"]
