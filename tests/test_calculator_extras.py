@@ -271,3 +271,22 @@ def test_out_of_memory_is_explained_and_the_calculator_stays_usable(monkeypatch,
     case = references()["models"]["mp0a_small"]["cases"][0]
     assert atoms.get_potential_energy() == pytest.approx(case["energy"], abs=1e-8)
     assert np.abs(atoms.get_forces() - np.array(case["forces"])).max() <= 1e-8
+
+
+def test_provenance_in_extended_xyz(tmp_path) -> None:
+    from ase.io import read
+
+    from mace_ase.dynamics.trajectory import TrajectoryWriter
+
+    path = fixture_model("mp0a_small")
+    atoms = structure("bulk_rattled")
+    atoms.calc = MACECalculator(model_paths=str(path), device="cpu")
+    atoms.get_potential_energy()
+    writer = TrajectoryWriter(tmp_path / "run.xyz")
+    writer.write(atoms)
+    writer.close()
+    assert "mace_model_sha256" not in atoms.info  # the caller's atoms are left as they were
+    frame = read(tmp_path / "run.xyz")
+    assert frame.info["mace_model_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert frame.info["mace_torch_version"] == torch.__version__ and frame.info["mace_dtype"] == "float64"
+    assert frame.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-9)

@@ -39,7 +39,14 @@ class TrajectoryWriter:
         else:
             from ase.io import write
 
-            write(self._xyz, atoms, format="extxyz")
+            # .traj stores calc.parameters itself; extended XYZ gets the provenance in each frame's comment line
+            added = {key: value for key, value in _provenance(atoms).items() if key not in atoms.info}
+            atoms.info.update(added)
+            try:
+                write(self._xyz, atoms, format="extxyz")
+            finally:
+                for key in added:
+                    del atoms.info[key]
             self._xyz.flush()
 
     def close(self) -> None:
@@ -47,6 +54,15 @@ class TrajectoryWriter:
             self._traj.close()
         if self._xyz is not None:
             self._xyz.close()
+
+
+PROVENANCE_KEYS = ("model", "model_sha256", "mace_ase_version", "torch_version", "device", "dtype")
+
+
+def _provenance(atoms: Atoms) -> dict:
+    """The calculator's record of what produced the results (see MACECalculator), as ``mace_<key>`` entries."""
+    parameters = getattr(atoms.calc, "parameters", None) or {}
+    return {f"mace_{key}": str(parameters[key]) for key in PROVENANCE_KEYS if key in parameters}
 
 
 def last_good_path(trajectory: str | Path) -> Path:
