@@ -45,7 +45,8 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 CHUNK_EDGES = 4096  # edge rows per chunk: ~30 MB of float32 work arrays for MP-0-medium, L2-friendly
-_SOURCE = Path(__file__).with_name("kernels") / "convolution.cpp"
+_KERNELS = Path(__file__).with_name("kernels")
+_SOURCES = [_KERNELS / "convolution.cpp", _KERNELS / "symmetric_contraction.cpp", _KERNELS / "module.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: the sums must stay IEEE
 _warned = False
 
@@ -76,7 +77,7 @@ def _cpu_signature() -> str:
 def kernel_directory() -> Path:
     """Per-user, content-hashed build folder of the CPU kernel (created with mode 0700)."""
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
+    for part in (*(source.read_bytes() for source in _SOURCES), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
                  _cpu_signature().encode(), platform.python_version().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -85,7 +86,7 @@ def kernel_directory() -> Path:
         import platformdirs
 
         base = os.path.join(platformdirs.user_cache_dir("mace-ase"), "kernels")
-    folder = Path(base) / f"convolution-{digest.hexdigest()[:16]}"
+    folder = Path(base) / f"cpu-{digest.hexdigest()[:16]}"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = folder.stat()
     if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
@@ -103,8 +104,8 @@ def load_kernel() -> Tuple[Optional[Any], str]:
         from torch.utils import cpp_extension
 
         folder = kernel_directory()
-        name = "mace_ase_convolution_" + folder.name.split("-")[-1]
-        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], build_directory=str(folder),
+        name = "mace_ase_kernels_" + folder.name.split("-")[-1]
+        module = cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES], build_directory=str(folder),
                                     extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         return module, ""
     except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
@@ -158,8 +159,11 @@ def coupling_tables(interaction: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor, i
 
 
 def _chunks(n_receivers: int, neighbours: int) -> List[Tuple[int, int]]:
-    step = max(1, CHUNK_EDGES // max(neighbours, 1))
-    return [(start, min(start + step, n_receivers)) for start in range(0, n_receivers, step)]
+    """Receiver ranges of (nearly) equal size with at most CHUNK_EDGES edge rows each."""
+    per_chunk = max(1, CHUNK_EDGES // max(neighbours, 1))
+    n_chunks = max(1, -(-n_receivers // per_chunk))
+    bounds = [n_receivers * k // n_chunks for k in range(n_chunks + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(n_chunks) if bounds[k + 1] > bounds[k]]
 
 
 def _radial_weights(interaction: Any, edge_feats: Tensor, envelope: Tensor, channels: int) -> Tensor:
@@ -183,12 +187,22 @@ class _FusedConvolution(torch.autograd.Function):
         use_kernel = _use_kernel(interaction, h_up)
         tables = interaction.fused_tables
         out = h_up.new_empty(n_receivers, tables[4], channels)
-        for start, stop in _chunks(n_receivers, neighbours):
+        chunks = _chunks(n_receivers, neighbours)
+        ctx.kept = None
+        for index, (start, stop) in enumerate(chunks):
             rows = slice(start * neighbours, stop * neighbours)
             if use_kernel:
-                weights = _radial_weights(interaction, edge_feats[rows], envelope[rows], channels)
+                # The last chunk's radial MLP graph is kept: the backward pass starts there and needs no recompute.
+                keep = index == len(chunks) - 1 and any(ctx.needs_input_grad[3:5])
+                with torch.set_grad_enabled(keep):
+                    feats = edge_feats[rows].detach().requires_grad_(keep and ctx.needs_input_grad[3])
+                    env = envelope[rows].detach().requires_grad_(keep and ctx.needs_input_grad[4])
+                    weights = _radial_weights(interaction, feats, env, channels)
+                if keep:
+                    ctx.kept = (feats, env, weights)
                 out[start:stop] = load_kernel()[0].convolution_forward(
-                    weights, sh[rows], h_up, sender[rows], active[rows], stop - start, tables[4], *tables[:4])
+                    weights.detach(), sh[rows], h_up, sender[rows], active[rows], stop - start, tables[4],
+                    *tables[:4])
             else:
                 out[start:stop] = interaction.convolution(h_up.index_select(0, sender[rows]), sh[rows],
                                                           edge_feats[rows], envelope[rows], stop - start)
@@ -199,58 +213,90 @@ class _FusedConvolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        h_up, sh, edge_feats, envelope, sender, active = ctx.saved_tensors
-        interaction = ctx.interaction
+        saved = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()  # a double backward (Hessian): stay differentiable
-        n_receivers, _, channels = h_up.shape
-        neighbours = sender.shape[0] // max(n_receivers, 1)
-        need_h, need_sh, need_feats, need_env = ctx.needs_input_grad[1:5]
-        grads: List[List[Tensor]] = [[], [], [], []]  # per chunk: d/dsh, d/dedge_feats, d/denvelope
-        grad_h = torch.zeros_like(h_up) if need_h else None
-        for start, stop in _chunks(n_receivers, neighbours):
-            rows = slice(start * neighbours, stop * neighbours)
-            g = grad_out[start:stop]
+        if ctx.use_kernel and not create_graph:
+            grads = _kernel_backward(ctx, grad_out, *saved)
+        else:
+            grads = _recompute_backward(ctx, grad_out, create_graph, *saved)
+        ctx.kept = None
+        return (None, *grads, None, None)
+
+
+def _kernel_backward(ctx, grad_out, h_up, sh, edge_feats, envelope, sender, active):
+    """Per chunk (last first): radial MLP (kept or recomputed), the kernel's dL/dW, dL/dY, dL/dx, MLP backward."""
+    interaction = ctx.interaction
+    kernel = load_kernel()[0]
+    n_receivers, _, channels = h_up.shape
+    neighbours = sender.shape[0] // max(n_receivers, 1)
+    need_h, need_sh, need_feats, need_env = ctx.needs_input_grad[1:5]
+    grad_h = torch.zeros_like(h_up) if need_h else None
+    grad_sh = torch.empty_like(sh) if need_sh else None
+    grad_feats = torch.empty_like(edge_feats) if need_feats else None
+    grad_env = torch.empty_like(envelope) if need_env else None
+    chunks = _chunks(n_receivers, neighbours)
+    largest = max((stop - start) * neighbours for start, stop in chunks)
+    n_paths = interaction.radial_mlp.weights[-1].shape[1] // channels
+    # work buffers reused by every chunk (the kernel initialises the rows it writes)
+    buffer_w = h_up.new_empty(largest, n_paths, channels)
+    buffer_y = h_up.new_empty(largest, sh.shape[1])
+    buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
+    for index in reversed(range(len(chunks))):
+        start, stop = chunks[index]
+        rows = slice(start * neighbours, stop * neighbours)
+        if index == len(chunks) - 1 and ctx.kept is not None:
+            feats, env, weights = ctx.kept
+        else:
             with torch.enable_grad():
-                feats = edge_feats[rows].detach().requires_grad_(need_feats) if not create_graph else edge_feats[rows]
-                env = envelope[rows].detach().requires_grad_(need_env) if not create_graph else envelope[rows]
-                if ctx.use_kernel and not create_graph:
-                    weights = _radial_weights(interaction, feats, env, channels)
-                    grad_w, grad_sh, grad_x = load_kernel()[0].convolution_backward(
-                        g.contiguous(), weights.detach(), sh[rows], h_up, sender[rows], active[rows],
-                        *interaction.fused_tables[:4])
-                    inputs = [t for t, need in ((feats, need_feats), (env, need_env)) if need]
-                    radial = list(torch.autograd.grad(weights, inputs, grad_w, allow_unused=True)) if inputs else []
-                    radial = [r if r is not None else torch.zeros_like(t) for r, t in zip(radial, inputs)]
-                else:
-                    x = h_up.index_select(0, sender[rows])
-                    y = sh[rows]
-                    if not create_graph:
-                        x = x.detach().requires_grad_(need_h)
-                        y = y.detach().requires_grad_(need_sh)
-                    out = interaction.convolution(x, y, feats, env, stop - start)
-                    wanted = [(x, need_h), (y, need_sh), (feats, need_feats), (env, need_env)]
-                    inputs = [t for t, need in wanted if need]
-                    result = list(torch.autograd.grad(out, inputs, g, create_graph=create_graph, allow_unused=True))
-                    by_input = {}
-                    for (tensor, need), index in zip(wanted, range(4)):
-                        if need:
-                            grad = result.pop(0)
-                            by_input[index] = grad if grad is not None else torch.zeros_like(tensor)
-                    grad_x = by_input.get(0)
-                    grad_sh = by_input.get(1)
-                    radial = [by_input[i] for i in (2, 3) if i in by_input]
-            if need_h and grad_x is not None:
-                grad_h = grad_h.index_add(0, sender[rows], grad_x) if create_graph else grad_h.index_add_(
-                    0, sender[rows], grad_x)
-            grads[0].append(grad_sh if need_sh else None)
+                feats = edge_feats[rows].detach().requires_grad_(need_feats)
+                env = envelope[rows].detach().requires_grad_(need_env)
+                weights = _radial_weights(interaction, feats, env, channels)
+        grad_w, grad_y, grad_x = kernel.convolution_backward(
+            grad_out[start:stop].contiguous(), weights.detach(), sh[rows], h_up, sender[rows], active[rows],
+            *interaction.fused_tables[:4], buffer_w, buffer_y, buffer_x)
+        if need_h:
+            grad_h.index_add_(0, sender[rows], grad_x)
+        if need_sh:
+            grad_sh[rows] = grad_y
+        inputs = [t for t, need in ((feats, need_feats), (env, need_env)) if need]
+        if inputs:
+            radial = torch.autograd.grad(weights, inputs, grad_w, allow_unused=True)
+            radial = [r if r is not None else torch.zeros_like(t) for r, t in zip(radial, inputs)]
             if need_feats:
-                grads[1].append(radial.pop(0))
+                grad_feats[rows] = radial.pop(0)
             if need_env:
-                grads[2].append(radial.pop(0))
-        grad_sh_all = torch.cat(grads[0]) if need_sh else None
-        grad_feats = torch.cat(grads[1]) if need_feats else None
-        grad_env = torch.cat(grads[2]) if need_env else None
-        return None, grad_h, grad_sh_all, grad_feats, grad_env, None, None
+                grad_env[rows] = radial.pop(0)
+    return grad_h, grad_sh, grad_feats, grad_env
+
+
+def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, edge_feats, envelope, sender, active):
+    """Per chunk: the reference code recomputed under autograd (differentiable again when ``create_graph``)."""
+    interaction = ctx.interaction
+    n_receivers = h_up.shape[0]
+    neighbours = sender.shape[0] // max(n_receivers, 1)
+    need = ctx.needs_input_grad[1:5]
+    grad_h = torch.zeros_like(h_up) if need[0] else None
+    pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dedge_feats, d/denvelope
+    for start, stop in _chunks(n_receivers, neighbours):
+        rows = slice(start * neighbours, stop * neighbours)
+        with torch.enable_grad():
+            inputs = [h_up.index_select(0, sender[rows]), sh[rows], edge_feats[rows], envelope[rows]]
+            if not create_graph:
+                inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
+            out = interaction.convolution(*inputs, stop - start)
+            wanted = [t for t, n in zip(inputs, need) if n]
+            result = list(torch.autograd.grad(out, wanted, grad_out[start:stop], create_graph=create_graph,
+                                              allow_unused=True))
+        grads = []
+        for tensor, n in zip(inputs, need):
+            grad = result.pop(0) if n else None
+            grads.append(torch.zeros_like(tensor) if n and grad is None else grad)
+        if need[0]:
+            grad_h = grad_h.index_add(0, sender[rows], grads[0]) if create_graph else grad_h.index_add_(
+                0, sender[rows], grads[0])
+        for k in range(3):
+            pieces[k].append(grads[k + 1])
+    return (grad_h, *(torch.cat(p) if n else None for p, n in zip(pieces, need[1:])))
 
 
 def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
@@ -258,6 +304,63 @@ def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Te
     """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, N)``, chunked and fused."""
     active = envelope.view(-1) != 0  # padding and r >= r_max: exactly zero weights, values and gradients
     return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Symmetric contraction (compiled CPU kernel, explicit backward)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _folded_weights(contraction: Any, species_counts: List[int]) -> Tuple[Tensor, Tensor]:
+    """``V_z = coefficients @ W_z`` as ``[G, Q, M, C]`` for the G elements present, and each node's group index."""
+    channels = contraction.weights.shape[2]
+    present = [element for element, count in enumerate(species_counts) if count > 0]
+    folded = torch.stack([(contraction.coefficients @ contraction.weights[element]).view(-1, contraction.out_dim,
+                                                                                           channels)
+                          for element in present])
+    counts = torch.tensor([species_counts[element] for element in present], device=folded.device)
+    group = torch.arange(len(present), device=folded.device).repeat_interleave(counts)
+    return folded, group
+
+
+def _reference_basis(contraction: Any, a: Tensor, species_counts: List[int]) -> Tensor:
+    return contraction(a.permute(2, 1, 0).contiguous(), species_counts).permute(2, 1, 0)  # [N, M, C]
+
+
+class _FusedSymmetricContraction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, contraction, species_counts, a, folded, group):  # noqa: D102
+        ctx.contraction = contraction
+        ctx.species_counts = species_counts
+        ctx.save_for_backward(a, folded, group)
+        return load_kernel()[0].symmetric_contraction_forward(a, folded, group, *_monomial_tables(contraction))
+
+    @staticmethod
+    def backward(ctx, grad_b):  # noqa: D102
+        a, folded, group = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward (Hessian): differentiable reference recomputation
+            with torch.enable_grad():
+                b = _reference_basis(ctx.contraction, a, ctx.species_counts)
+                (grad_a,) = torch.autograd.grad(b, a, grad_b, create_graph=True)
+        else:
+            grad_a = load_kernel()[0].symmetric_contraction_backward(grad_b, a, folded, group,
+                                                                     *_monomial_tables(ctx.contraction))
+        return None, None, grad_a, None, None
+
+
+def _monomial_tables(contraction: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (contraction.singles.contiguous(), contraction.pairs.contiguous(), contraction.triples_pair.contiguous(),
+            contraction.triples_single.contiguous())
+
+
+def fused_symmetric_contractions(product: Any, a: Tensor, species_counts: List[int]) -> Tensor:
+    """The product basis of all output irreps, ``[N, D_out, C]``, from the interaction output ``a`` ``[N, 16, C]``."""
+    a = a.contiguous()
+    pieces = []
+    for contraction in product.contractions:
+        folded, group = _folded_weights(contraction, species_counts)
+        pieces.append(_FusedSymmetricContraction.apply(contraction, species_counts, a, folded, group))
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,6 +374,8 @@ def _set(model: torch.nn.Module, fused: bool, kernel: bool) -> None:
             interaction.fused_tables = coupling_tables(interaction)
         interaction.fused = fused
         interaction.fused_kernel = kernel
+    for product in model.products:
+        product.fused = fused and kernel  # the contraction kernel is CPU-only; elsewhere the reference runs
 
 
 def _test_graph(model: torch.nn.Module) -> Tuple[Tensor, Tensor, Tensor]:

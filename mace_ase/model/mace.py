@@ -440,13 +440,24 @@ class Product(nn.Module):
         self.contractions = nn.ModuleList(contractions)
         self.linear = linear
         self.use_sc = use_sc
+        self.fused = False  # set by mace_ase.model.fused.enable_fused: eager CPU runs use its compiled kernel
+
+    @torch.jit.unused
+    def fused_basis(self, a: Tensor, species_counts: List[int]) -> Tensor:
+        """Same result as the reference contractions below (compiled CPU kernel): see :mod:`mace_ase.model.fused`."""
+        from mace_ase.model.fused import fused_symmetric_contractions
+
+        return fused_symmetric_contractions(self, a, species_counts)
 
     def forward(self, a: Tensor, sc: Optional[Tensor], species_counts: List[int]) -> Tensor:
-        a_t = a.permute(2, 1, 0).contiguous()  # [C, D, N]
-        pieces: List[Tensor] = []
-        for contraction in self.contractions:
-            pieces.append(contraction(a_t, species_counts))
-        basis = torch.cat(pieces, dim=1).permute(2, 1, 0)  # [N, D_out, C]
+        if self.fused and not torch.jit.is_scripting():
+            basis = self.fused_basis(a, species_counts)
+        else:
+            a_t = a.permute(2, 1, 0).contiguous()  # [C, D, N]
+            pieces: List[Tensor] = []
+            for contraction in self.contractions:
+                pieces.append(contraction(a_t, species_counts))
+            basis = torch.cat(pieces, dim=1).permute(2, 1, 0)  # [N, D_out, C]
         h = self.linear(basis)
         if self.use_sc and sc is not None:
             h = h + sc

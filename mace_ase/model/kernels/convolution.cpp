@@ -65,11 +65,17 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* W, const scalar_t
       const scalar_t* g = grad_out + r * D_out * C;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = r * K + k;
-        if (!active[e]) continue;  // outputs were zero-initialised
+        scalar_t* gw_e = grad_W + e * P * C;
+        scalar_t* gx_e = grad_x_edge + e * D_in * C;
+        scalar_t* gy_e = grad_Y + e * S;
+        // outputs are uninitialised buffers: zero this edge's rows here, while they are in cache
+        for (int64_t u = 0; u < P * C; ++u) gw_e[u] = 0;
+        for (int64_t u = 0; u < D_in * C; ++u) gx_e[u] = 0;
+        for (int64_t u = 0; u < S; ++u) gy_e[u] = 0;
+        if (!active[e]) continue;
         const scalar_t* w_e = W + e * P * C;
         const scalar_t* x_s = x + sender[e] * D_in * C;
         const scalar_t* y_e = Y + e * S;
-        scalar_t* gy_e = grad_Y + e * S;
         for (int64_t q = 0; q < n_pa; ++q) {
           const scalar_t* w = w_e + pa[2 * q] * C;
           const scalar_t* xa = x_s + pa[2 * q + 1] * C;
@@ -95,8 +101,6 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* W, const scalar_t
           }
           for (int64_t u = pairs[3 * j + 2]; u < pairs[3 * j + 5]; ++u) gy_e[terms[u]] += static_cast<scalar_t>(values[u]) * dot;
         }
-        scalar_t* gw_e = grad_W + e * P * C;
-        scalar_t* gx_e = grad_x_edge + e * D_in * C;
         for (int64_t q = 0; q < n_pa; ++q) {
           const scalar_t* w = w_e + pa[2 * q] * C;
           const scalar_t* xa = x_s + pa[2 * q + 1] * C;
@@ -145,18 +149,25 @@ torch::Tensor convolution_forward(torch::Tensor W, torch::Tensor Y, torch::Tenso
 }
 
 // Returns (grad_W [E, P, C], grad_Y [E, S], grad_x per edge [E, D_in, C]: to be index_add-ed onto the senders).
+// grad_W, grad_Y and grad_x_edge are output buffers (any contents) of at least E rows, reused between chunks.
 std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::Tensor W, torch::Tensor Y,
                                                 torch::Tensor x, torch::Tensor sender, torch::Tensor active,
                                                 torch::Tensor pa, torch::Tensor pairs, torch::Tensor terms,
-                                                torch::Tensor values) {
+                                                torch::Tensor values, torch::Tensor grad_W_buffer,
+                                                torch::Tensor grad_Y_buffer, torch::Tensor grad_x_buffer) {
   check_tables(pa, pairs, terms, values);
   grad_out = grad_out.contiguous(); W = W.contiguous(); Y = Y.contiguous(); x = x.contiguous();
   sender = sender.contiguous(); active = active.contiguous();
   const int64_t n_recv = grad_out.size(0), D_out = grad_out.size(1);
   const int64_t E = W.size(0), P = W.size(1), C = W.size(2), S = Y.size(1), D_in = x.size(1);
-  auto grad_W = torch::zeros_like(W);
-  auto grad_Y = torch::zeros_like(Y);
-  auto grad_x_edge = torch::zeros({E, D_in, C}, W.options());
+  TORCH_CHECK(grad_W_buffer.is_contiguous() && grad_Y_buffer.is_contiguous() && grad_x_buffer.is_contiguous() &&
+              grad_W_buffer.numel() >= E * P * C && grad_Y_buffer.numel() >= E * S &&
+              grad_x_buffer.numel() >= E * D_in * C && grad_W_buffer.scalar_type() == W.scalar_type() &&
+              grad_Y_buffer.scalar_type() == W.scalar_type() && grad_x_buffer.scalar_type() == W.scalar_type(),
+              "gradient buffers too small or of the wrong dtype");
+  auto grad_W = grad_W_buffer.view(-1).narrow(0, 0, E * P * C).view({E, P, C});
+  auto grad_Y = grad_Y_buffer.view(-1).narrow(0, 0, E * S).view({E, S});
+  auto grad_x_edge = grad_x_buffer.view(-1).narrow(0, 0, E * D_in * C).view({E, D_in, C});
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "convolution_backward", [&] {
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(),
                               x.data_ptr<scalar_t>(), sender.data_ptr<int64_t>(), active.data_ptr<bool>(),
@@ -166,9 +177,4 @@ std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::T
                               terms.data_ptr<int64_t>(), values.data_ptr<double>());
   });
   return {grad_W, grad_Y, grad_x_edge};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("convolution_forward", &convolution_forward, "fused MACE convolution, forward (CPU)");
-  m.def("convolution_backward", &convolution_backward, "fused MACE convolution, backward (CPU)");
 }

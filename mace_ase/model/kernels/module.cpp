@@ -1,0 +1,27 @@
+// Python bindings of the CPU kernels of mace_ase.model.fused (one extension module, compiled at first use).
+
+#include <torch/extension.h>
+
+#include <vector>
+
+torch::Tensor convolution_forward(torch::Tensor W, torch::Tensor Y, torch::Tensor x, torch::Tensor sender,
+                                  torch::Tensor active, int64_t n_recv, int64_t D_out, torch::Tensor pa,
+                                  torch::Tensor pairs, torch::Tensor terms, torch::Tensor values);
+std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::Tensor W, torch::Tensor Y,
+                                                torch::Tensor x, torch::Tensor sender, torch::Tensor active,
+                                                torch::Tensor pa, torch::Tensor pairs, torch::Tensor terms,
+                                                torch::Tensor values, torch::Tensor grad_W_buffer,
+                                                torch::Tensor grad_Y_buffer, torch::Tensor grad_x_buffer);
+torch::Tensor symmetric_contraction_forward(torch::Tensor A, torch::Tensor V, torch::Tensor group,
+                                            torch::Tensor singles, torch::Tensor pairs, torch::Tensor triple_pair,
+                                            torch::Tensor triple_single);
+torch::Tensor symmetric_contraction_backward(torch::Tensor grad_B, torch::Tensor A, torch::Tensor V,
+                                             torch::Tensor group, torch::Tensor singles, torch::Tensor pairs,
+                                             torch::Tensor triple_pair, torch::Tensor triple_single);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("convolution_forward", &convolution_forward, "fused MACE convolution, forward (CPU)");
+  m.def("convolution_backward", &convolution_backward, "fused MACE convolution, backward (CPU)");
+  m.def("symmetric_contraction_forward", &symmetric_contraction_forward, "symmetric contraction, forward (CPU)");
+  m.def("symmetric_contraction_backward", &symmetric_contraction_backward, "symmetric contraction, backward (CPU)");
+}

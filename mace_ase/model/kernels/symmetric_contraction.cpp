@@ -1,0 +1,177 @@
+// Symmetric contraction of MACE (correlation <= 3) for the CPU, forward and exact backward, per node:
+//     P[q, c] = A[a_q, c] (singles) | A[a, c] A[b, c] (pairs) | pair[t_q, c] A[s_q, c] (triples)
+//     B[i, m, c] = sum_q V[z_i][q, m, c] P[q, c]
+// with V[z] = coefficients @ W_z folded in torch per element (see SymmetricContraction in mace.py). Features stay in
+// the [N, D, C] layout (channel innermost, vectorised); the monomials of one node live in a thread-local buffer, so
+// nothing of size [N, Q, C] is ever stored. Parallel over nodes with at::parallel_for.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+struct Monomials {
+  const int64_t* singles; int64_t n1;
+  const int64_t* pair_a; const int64_t* pair_b; int64_t n2;
+  const int64_t* triple_pair; const int64_t* triple_single; int64_t n3;
+};
+
+template <typename scalar_t>
+inline void make_monomials(const Monomials& t, const scalar_t* a, scalar_t* p, int64_t C) {
+  for (int64_t q = 0; q < t.n1; ++q) {
+    const scalar_t* x = a + t.singles[q] * C;
+    scalar_t* o = p + q * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = x[c];
+  }
+  scalar_t* pairs = p + t.n1 * C;
+  for (int64_t q = 0; q < t.n2; ++q) {
+    const scalar_t* x = a + t.pair_a[q] * C;
+    const scalar_t* y = a + t.pair_b[q] * C;
+    scalar_t* o = pairs + q * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = x[c] * y[c];
+  }
+  scalar_t* triples = pairs + t.n2 * C;
+  for (int64_t q = 0; q < t.n3; ++q) {
+    const scalar_t* x = pairs + t.triple_pair[q] * C;
+    const scalar_t* y = a + t.triple_single[q] * C;
+    scalar_t* o = triples + q * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] = x[c] * y[c];
+  }
+}
+
+Monomials tables(const torch::Tensor& singles, const torch::Tensor& pairs, const torch::Tensor& triple_pair,
+                 const torch::Tensor& triple_single) {
+  TORCH_CHECK(singles.dtype() == torch::kInt64 && pairs.dtype() == torch::kInt64 &&
+              triple_pair.dtype() == torch::kInt64 && triple_single.dtype() == torch::kInt64, "tables must be int64");
+  TORCH_CHECK(singles.is_contiguous() && pairs.is_contiguous() && triple_pair.is_contiguous() &&
+              triple_single.is_contiguous(), "tables must be contiguous");
+  const int64_t n2 = pairs.size(1);
+  return {singles.data_ptr<int64_t>(), singles.numel(), pairs.data_ptr<int64_t>(), pairs.data_ptr<int64_t>() + n2, n2,
+          triple_pair.data_ptr<int64_t>(), triple_single.data_ptr<int64_t>(), triple_pair.numel()};
+}
+
+template <typename scalar_t>
+void forward_kernel(const Monomials& t, const torch::Tensor& A, const torch::Tensor& V,
+                    const torch::Tensor& group, torch::Tensor& B, int64_t N, int64_t D, int64_t C, int64_t Q,
+                    int64_t M) {
+  const scalar_t* a_ptr = A.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = V.data_ptr<scalar_t>();
+  const int64_t* g_ptr = group.data_ptr<int64_t>();
+  scalar_t* b_ptr = B.data_ptr<scalar_t>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> p(Q * C);
+    for (int64_t i = begin; i < end; ++i) {
+      make_monomials<scalar_t>(t, a_ptr + i * D * C, p.data(), C);
+      const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C;
+      scalar_t* b = b_ptr + i * M * C;
+      for (int64_t k = 0; k < M * C; ++k) b[k] = 0;
+      for (int64_t q = 0; q < Q; ++q) {
+        const scalar_t* pq = p.data() + q * C;
+        for (int64_t m = 0; m < M; ++m) {
+          const scalar_t* vq = v + (q * M + m) * C;
+          scalar_t* bm = b + m * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) bm[c] += vq[c] * pq[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const Monomials& t, const torch::Tensor& grad_B, const torch::Tensor& A,
+                     const torch::Tensor& V, const torch::Tensor& group, torch::Tensor& grad_A, int64_t N,
+                     int64_t D, int64_t C, int64_t Q, int64_t M) {
+  const scalar_t* a_ptr = A.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = V.data_ptr<scalar_t>();
+  const scalar_t* gb_ptr = grad_B.data_ptr<scalar_t>();
+  const int64_t* g_ptr = group.data_ptr<int64_t>();
+  scalar_t* ga_ptr = grad_A.data_ptr<scalar_t>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> p(Q * C), gp(Q * C);
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* a = a_ptr + i * D * C;
+      make_monomials<scalar_t>(t, a, p.data(), C);
+      const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C;
+      const scalar_t* gb = gb_ptr + i * M * C;
+      for (int64_t q = 0; q < Q; ++q) {
+        scalar_t* g = gp.data() + q * C;
+        for (int64_t c = 0; c < C; ++c) g[c] = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          const scalar_t* vq = v + (q * M + m) * C;
+          const scalar_t* gm = gb + m * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) g[c] += vq[c] * gm[c];
+        }
+      }
+      scalar_t* ga = ga_ptr + i * D * C;
+      for (int64_t k = 0; k < D * C; ++k) ga[k] = 0;
+      const scalar_t* pairs_v = p.data() + t.n1 * C;
+      scalar_t* g_pairs = gp.data() + t.n1 * C;
+      const scalar_t* g_triples = g_pairs + t.n2 * C;
+      for (int64_t q = 0; q < t.n3; ++q) {  // triples: pair * single
+        const scalar_t* gq = g_triples + q * C;
+        const scalar_t* pv = pairs_v + t.triple_pair[q] * C;
+        scalar_t* gpair = g_pairs + t.triple_pair[q] * C;
+        const scalar_t* s = a + t.triple_single[q] * C;
+        scalar_t* gs = ga + t.triple_single[q] * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          gs[c] += gq[c] * pv[c];
+          gpair[c] += gq[c] * s[c];
+        }
+      }
+      for (int64_t q = 0; q < t.n2; ++q) {  // pairs: x * y
+        const scalar_t* gq = g_pairs + q * C;
+        const scalar_t* x = a + t.pair_a[q] * C;
+        const scalar_t* y = a + t.pair_b[q] * C;
+        scalar_t* gx = ga + t.pair_a[q] * C;
+        scalar_t* gy = ga + t.pair_b[q] * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gx[c] += gq[c] * y[c];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gy[c] += gq[c] * x[c];
+      }
+      for (int64_t q = 0; q < t.n1; ++q) {
+        const scalar_t* gq = gp.data() + q * C;
+        scalar_t* gx = ga + t.singles[q] * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gx[c] += gq[c];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// A [N, D, C]; V [G, Q, M, C] (one folded block per element group); group [N] int64. Returns B [N, M, C].
+torch::Tensor symmetric_contraction_forward(torch::Tensor A, torch::Tensor V, torch::Tensor group,
+                                            torch::Tensor singles, torch::Tensor pairs, torch::Tensor triple_pair,
+                                            torch::Tensor triple_single) {
+  A = A.contiguous(); V = V.contiguous(); group = group.contiguous();
+  const Monomials t = tables(singles, pairs, triple_pair, triple_single);
+  const int64_t N = A.size(0), D = A.size(1), C = A.size(2), Q = V.size(1), M = V.size(2);
+  TORCH_CHECK(Q == t.n1 + t.n2 + t.n3 && V.size(3) == C, "folded weights do not match the monomial tables");
+  auto B = torch::empty({N, M, C}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "symmetric_contraction_forward",
+                             [&] { forward_kernel<scalar_t>(t, A, V, group, B, N, D, C, Q, M); });
+  return B;
+}
+
+// grad_B [N, M, C] -> grad_A [N, D, C] (the weights are constants).
+torch::Tensor symmetric_contraction_backward(torch::Tensor grad_B, torch::Tensor A, torch::Tensor V,
+                                             torch::Tensor group, torch::Tensor singles, torch::Tensor pairs,
+                                             torch::Tensor triple_pair, torch::Tensor triple_single) {
+  grad_B = grad_B.contiguous(); A = A.contiguous(); V = V.contiguous(); group = group.contiguous();
+  const Monomials t = tables(singles, pairs, triple_pair, triple_single);
+  const int64_t N = A.size(0), D = A.size(1), C = A.size(2), Q = V.size(1), M = V.size(2);
+  auto grad_A = torch::empty_like(A);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "symmetric_contraction_backward",
+                             [&] { backward_kernel<scalar_t>(t, grad_B, A, V, group, grad_A, N, D, C, Q, M); });
+  return grad_A;
+}
