@@ -26,14 +26,17 @@ REFERENCES = FIXTURES / "references.json"
 @cache
 def references() -> dict:
     """mace-torch 0.3.16's answers for the random-weight fixture models (tests/fixtures/make_fixtures.py)."""
+    if not REFERENCES.is_file():  # committed: missing means a broken checkout, a failure (never a skip)
+        raise FileNotFoundError(f"{REFERENCES} is missing; regenerate it with tests/fixtures/make_fixtures.py")
     with open(REFERENCES) as handle:
         return json.load(handle)
 
 
 def fixture_model(name: str) -> Path:
+    """A committed fixture model; a missing one fails the test (a skip would hide a broken checkout)."""
     path = FIXTURES / "models" / f"{name}.model"
-    if not path.exists():
-        pytest.skip(f"fixture model {path} is missing; regenerate with tests/fixtures/make_fixtures.py")
+    if not path.is_file():
+        pytest.fail(f"fixture model {path} is missing; regenerate with tests/fixtures/make_fixtures.py")
     return path
 
 
@@ -73,3 +76,46 @@ def place_as_cached(folder: Path, name: str, source: Path) -> Path:
     target = folder / registry.lookup(name).file_name
     target.write_bytes(source.read_bytes())
     return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No test may be skipped, except those marked `cuda` where no CUDA device is present: a skip that hides a missing
+# dependency, fixture or feature would let the suite pass while testing nothing. Any other skip makes the run fail
+# (exit status 1) after the summary names it; this is how CI, which runs plain `pytest`, catches them.
+# ---------------------------------------------------------------------------------------------------------------
+
+_unexpected_skips: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def _record_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and "cuda" not in getattr(report, "keywords", {}):
+        _unexpected_skips.append(report.nodeid or str(report.fspath))
+
+
+def pytest_runtest_logreport(report) -> None:
+    _record_skip(report)
+
+
+def pytest_collectreport(report) -> None:
+    _record_skip(report)  # a module skipped at import (pytest.skip(allow_module_level=True), importorskip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _unexpected_skips:
+        terminalreporter.section("skipped tests (not allowed)", red=True)
+        for nodeid in _unexpected_skips:
+            terminalreporter.write_line(f"{nodeid}: skipped; only `cuda`-marked tests may skip (no GPU)")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

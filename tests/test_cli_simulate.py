@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.io import read, write
+from conftest import fixture_model
 
 from mace_ase.cli import simulate
-
-FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
-
 
 def run_cli(*argv: str) -> int:
     """Parse with only our sub-commands registered (independent of the other CLI modules)."""
@@ -74,24 +72,19 @@ def test_unknown_ensemble_is_an_argparse_error(cu_file):
 
 
 def test_commands_with_a_mace_model_file(tmp_path, capsys):
-    pytest.importorskip("mace_ase.foundations", reason="mace_mp not written yet")
-    pytest.importorskip("mace_ase.calculator", reason="MACECalculator not written yet")
-    if not FIXTURE_MODEL.is_file():
-        pytest.skip(f"fixture model {FIXTURE_MODEL} missing (see tests/fixtures/make_fixtures.py)")
+    model = fixture_model("mp0a_small")
     path = tmp_path / "nacl.xyz"
     write(path, bulk("NaCl", "rocksalt", a=5.64))
-    assert run_cli("eval", path, "--model", FIXTURE_MODEL, "--device", "cpu") == 0
-    assert run_cli("md", path, "--model", FIXTURE_MODEL, "--device", "cpu", "--ensemble", "nve", "--steps", "3",
+    assert run_cli("eval", path, "--model", model, "--device", "cpu") == 0
+    assert run_cli("md", path, "--model", model, "--device", "cpu", "--ensemble", "nve", "--steps", "3",
                    "--temperature", "50", "--loginterval", "1", "--no-progress", "--seed", "0") == 0
     printed = capsys.readouterr().out
     assert "energy/eV" in printed and "MDResult(nve, 3 steps" in printed
 
 
 def test_registered_in_main_parser():
-    cli = pytest.importorskip("mace_ase.cli")
-    try:
-        parser = cli.build_parser()
-    except ImportError as error:  # another CLI module not written yet
-        pytest.skip(f"full CLI not importable yet: {error}")
+    from mace_ase import cli
+
+    parser = cli.build_parser()
     args = parser.parse_args(["relax", "x.xyz", "-o", "y.xyz"])
     assert args.func is simulate._relax

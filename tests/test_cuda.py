@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import fixture_model, random_triclinic
 from mace_ase.calculator import MACECalculator
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = pytest.mark.cuda  # skipped where no CUDA device is present (tests/conftest.py); nothing else may skip
 
 
 @pytest.mark.parametrize("dtype,atol", [("float64", 1e-10), ("float32", 1e-4)])

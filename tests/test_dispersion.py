@@ -7,8 +7,6 @@ import pytest
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
-pytest.importorskip("dftd3", reason="D3 needs the optional extra 'd3' (pip install 'mace-ase[d3]')")
-
 from mace_ase.dispersion import DEFAULT_CUTOFF, add_d3, d3_calculator
 
 

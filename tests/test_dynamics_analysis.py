@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
+from conftest import fixture_model
 
 from mace_ase.dynamics import equation_of_state
 from mace_ase.hessian import finite_difference_hessian, hessian
-
-FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
 
 
 def test_bulk_modulus_of_emt_copper(tmp_path):
@@ -23,15 +20,12 @@ def test_bulk_modulus_of_emt_copper(tmp_path):
     assert result.v0 == pytest.approx(3.5898**3 / 4, rel=1e-3)
     assert 125 < result.bulk_modulus_gpa < 145  # EMT Cu: ~134 GPa (experiment 140 GPa)
     np.testing.assert_array_equal(atoms.cell, cell)  # input untouched
-    pytest.importorskip("matplotlib")
     result.plot(tmp_path / "eos.png")
     assert (tmp_path / "eos.png").stat().st_size > 0
 
 
 def test_phonons_of_emt_copper(tmp_path):
-    pytest.importorskip("phonopy", reason="phonons need the optional extra 'phonons' (phonopy)")
-    pytest.importorskip("matplotlib")
-    from mace_ase.dynamics import phonons
+    from mace_ase.dynamics import phonons  # phonopy and matplotlib: in the [test] extra, so always there in CI
 
     result = phonons(bulk("Cu", "fcc", a=3.5898), EMT(), supercell=(3, 3, 3), mesh=8, npoints=60,
                      plot=tmp_path / "phonons.png")
@@ -61,7 +55,6 @@ def test_hessian_refuses_calculators_without_autograd():
 
 
 def test_hessian_uses_analytic_d3_hessian():
-    pytest.importorskip("dftd3", reason="D3 needs the optional extra 'd3'")
     from mace_ase.dispersion import d3_calculator
 
     atoms = molecule("CH4")
@@ -71,12 +64,9 @@ def test_hessian_uses_analytic_d3_hessian():
 
 
 def _mace_calculator():
-    calculator = pytest.importorskip("mace_ase.calculator", reason="MACECalculator not written yet")
-    if not FIXTURE_MODEL.is_file():
-        pytest.skip(f"fixture model {FIXTURE_MODEL} missing (see tests/fixtures/make_fixtures.py)")
-    if not hasattr(calculator.MACECalculator, "get_hessian"):
-        pytest.skip("MACECalculator.get_hessian (the autograd Hessian) not there yet")
-    return calculator.MACECalculator(model_paths=str(FIXTURE_MODEL), device="cpu", default_dtype="float64")
+    from mace_ase.calculator import MACECalculator
+
+    return MACECalculator(model_paths=str(fixture_model("mp0a_small")), device="cpu", default_dtype="float64")
 
 
 def test_autograd_hessian_matches_finite_differences():

@@ -6,14 +6,13 @@ the statistical checks are deterministic (their margins were measured across see
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.io import read
+from conftest import fixture_model
 
 from mace_ase.dynamics import MDResult, Watchdog, WatchdogStop, relax, run_md
 from mace_ase.dynamics.ensembles import ENSEMBLES
@@ -177,15 +176,11 @@ def test_progress_bar_runs(capsys):
     assert "ns/day" in capsys.readouterr().err
 
 
-FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "models" / "mp0a_small.model"
-
-
 @pytest.fixture(scope="module")
 def mace_calc():
-    calculator = pytest.importorskip("mace_ase.calculator", reason="MACECalculator not written yet")
-    if not FIXTURE_MODEL.is_file():
-        pytest.skip(f"fixture model {FIXTURE_MODEL} missing (see tests/fixtures/make_fixtures.py)")
-    return calculator.MACECalculator(model_paths=str(FIXTURE_MODEL), device="cpu", default_dtype="float64")
+    from mace_ase.calculator import MACECalculator
+
+    return MACECalculator(model_paths=str(fixture_model("mp0a_small")), device="cpu", default_dtype="float64")
 
 
 def test_nve_with_fixture_mace_model_conserves_energy(mace_calc):
@@ -225,3 +220,13 @@ def test_progress_lines_logged_when_not_on_a_terminal(caplog):
     caplog.clear()
     run_md(copper(1), EMT(), steps=10, seed=0, progress=False)
     assert not [r for r in caplog.records if r.getMessage().startswith("MD step ")]
+
+
+def test_watchdog_works_before_it_is_resolved():
+    atoms = copper(1)
+    atoms.calc = EMT()
+    assert Watchdog().check(atoms) is None  # no temperature bound until a run resolves it
+    atoms.set_momenta(np.full((len(atoms), 3), np.nan))
+    reason = Watchdog().check(atoms)  # was: TypeError formatting the missing bound
+    assert reason is not None and "not finite" in reason
+    assert "not finite" in Watchdog().resolved(300, 10).check(atoms)

@@ -52,7 +52,8 @@ def test_mace_mp_by_name_uses_cache_and_defaults(environment, model_file):
 
 
 def test_device_none_picks_cuda_only_when_available(model_file):
-    torch = pytest.importorskip("torch")
+    import torch
+
     calc = foundations.mace_mp(model_file)
     assert calc.device == ("cuda" if torch.cuda.is_available() else "cpu")
 

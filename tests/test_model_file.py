@@ -149,9 +149,7 @@ def test_reader_rebuilds_every_tensor(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
-    path = FIXTURES / "models" / "unsupported_nonlinear.model"
-    if not path.exists():
-        pytest.skip("no non-linear-block fixture was generated")
+    path = fixture_model("unsupported_nonlinear")
     with pytest.raises(UnsupportedModelError, match="NonLinear"):
         load_model(path)
 

@@ -57,11 +57,15 @@ class Watchdog:
         return Watchdog(max_t, self.max_force, self.min_distance, self.interval or loginterval)
 
     def check(self, atoms: Atoms) -> str | None:
-        """Return why the frame is bad, or ``None`` if it is within every bound."""
+        """Return why the frame is bad, or ``None`` if it is within every bound.
+
+        A non-finite temperature or force always fails. On a watchdog that was not :meth:`resolved`,
+        ``max_temperature_k=None`` means no temperature bound (only the run knows its target temperature).
+        """
         temperature = atoms.get_temperature()
-        if not np.isfinite(temperature) or (
-            self.max_temperature_k is not None and temperature > self.max_temperature_k
-        ):
+        if not np.isfinite(temperature):
+            return f"temperature {temperature} K is not finite (velocities became NaN or infinite)"
+        if self.max_temperature_k is not None and temperature > self.max_temperature_k:
             return f"temperature {temperature:.1f} K exceeds the bound {self.max_temperature_k:.1f} K"
         if self.max_force is not None:
             forces = atoms.get_forces()
