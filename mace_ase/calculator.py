@@ -260,18 +260,19 @@ class MACECalculator(Calculator):
         positions = np.asarray(atoms.positions, dtype=np.float64)
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
         validation.check_structure(atoms.numbers, positions, cell, atoms.pbc)
-        estimate = validation.estimate_edges(positions, cell, atoms.pbc, self.r_max + self.skin)
-        validation.check_edge_budget(estimate, len(atoms), self._bytes_per_edge(), self._memory_budget())
         validation.check_search_cost(len(atoms), cell, atoms.pbc, self.r_max + self.skin)
+        estimate = validation.estimate_edges(positions, cell, atoms.pbc, self.r_max + self.skin)
+        self._budget = self._memory_budget()  # read once per call, used again on the built list
+        validation.check_edge_budget(estimate, len(atoms), self._bytes_per_edge(), self._budget)
 
     def _check_edges(self, positions: np.ndarray, cell: np.ndarray, edge_index: np.ndarray,
                      unit_shifts: np.ndarray) -> None:
         """On the built list: the exact edge count against the budget, and no atoms closer than min_distance."""
-        validation.check_edge_budget(edge_index.shape[1], len(positions), self._bytes_per_edge(),
-                                     self._memory_budget(), what="counted")
+        validation.check_edge_budget(edge_index.shape[1], len(positions), self._bytes_per_edge(), self._budget,
+                                     what="counted")
         if edge_index.shape[1] and self.min_distance > 0:
             vectors = positions[edge_index[1]] - positions[edge_index[0]] + unit_shifts @ cell
-            validation.check_close_pairs(np.sqrt((vectors * vectors).sum(axis=1)), edge_index, self.min_distance)
+            validation.check_close_pairs(np.einsum("ij,ij->i", vectors, vectors), edge_index, self.min_distance)
 
     def _bytes_per_edge(self) -> int:
         return validation.bytes_per_edge(int(self.models[0].embedding.shape[1]), torch.finfo(self.dtype).bits // 8)

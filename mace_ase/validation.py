@@ -70,6 +70,9 @@ def check_structure(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray
 
 def plane_spacings(cell: np.ndarray, pbc: np.ndarray) -> list[float]:
     """Distance between neighbouring lattice planes (Å) along each periodic axis (the lattice of periodic vectors)."""
+    if np.all(pbc):  # the common case, directly: V / |a_j x a_k|
+        volume = abs(float(np.linalg.det(cell)))
+        return [volume / float(np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3]))) for k in range(3)]
     periodic = cell[np.asarray(pbc, dtype=bool)]
     full = math.sqrt(max(float(np.linalg.det(periodic @ periodic.T)), 0.0)) if periodic.shape[0] else 1.0
     spacings = []
@@ -110,14 +113,17 @@ def estimate_edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     if n == 0:
         return 0
     periodic = cell[np.asarray(pbc, dtype=bool)]
-    if periodic.shape[0]:
-        _, _, vt = np.linalg.svd(periodic)
-        complement = vt[periodic.shape[0]:]
+    if periodic.shape[0] == 3:
+        volume = abs(float(np.linalg.det(cell)))
     else:
-        complement = np.eye(3)
-    thickness = [max(float(np.ptp(positions @ u)), 2.0 * cutoff) for u in complement]
-    basis = np.vstack([periodic] + [t * u for t, u in zip(thickness, complement)])
-    volume = abs(float(np.linalg.det(basis)))
+        if periodic.shape[0]:
+            _, _, vt = np.linalg.svd(periodic)
+            complement = vt[periodic.shape[0]:]
+        else:
+            complement = np.eye(3)
+        thickness = [max(float(np.ptp(positions @ u)), 2.0 * cutoff) for u in complement]
+        basis = np.vstack([periodic] + [t * u for t, u in zip(thickness, complement)])
+        volume = abs(float(np.linalg.det(basis)))
     sphere = 4.0 / 3.0 * math.pi * cutoff**3
     per_atom = n * sphere / volume
     images = 1.0
@@ -177,13 +183,17 @@ def check_edge_budget(n_edges: int, n_atoms: int, per_edge: int, budget: int, wh
         )
 
 
-def check_close_pairs(lengths: np.ndarray, edge_index: np.ndarray, min_distance: float) -> None:
-    """Refuse atoms closer than ``min_distance`` Å (the model is not meant for them; at 0 it is undefined)."""
-    if lengths.size == 0 or min_distance <= 0:
+def check_close_pairs(squared_lengths: np.ndarray, edge_index: np.ndarray, min_distance: float) -> None:
+    """Refuse atoms closer than ``min_distance`` Å (the model is not meant for them; at 0 it is undefined).
+
+    ``squared_lengths``: the squared length of every edge (Å²), so that the common case needs no square root."""
+    if squared_lengths.size == 0 or min_distance <= 0:
         return
-    close = np.flatnonzero(lengths < min_distance)
+    close = np.flatnonzero(squared_lengths < min_distance * min_distance)
     if close.size == 0:
         return
+    lengths = np.zeros(squared_lengths.shape)
+    lengths[close] = np.sqrt(squared_lengths[close])
     first = close[np.argmin(lengths[close])]
     i, j = int(edge_index[0, first]), int(edge_index[1, first])
     pairs = {tuple(sorted((int(edge_index[0, e]), int(edge_index[1, e])))) for e in close}
