@@ -1,18 +1,26 @@
 """``mace-ase eval | relax | md``: single points, relaxations and MD from the command line.
 
 Structures are read with ``ase.io.read`` (any format ASE knows: extxyz, cif, POSCAR, ...).
-``--model`` takes a foundation-model name (see ``mace-ase models list``), a path to a
-``.model`` file, or ``emt`` for ASE's EMT potential (metals only; for trying the commands
-without a model). Units: eV, Å, GPa, K, fs.
+``--model`` takes a catalogue name of any family (see ``mace-ase models list``; the family picks
+``mace_mp``, ``mace_off``, ``mace_omol`` or ``mace_anicc``), a path to a ``.model`` file, or ``emt``
+for ASE's EMT potential (metals only; for trying the commands without a model). Without
+``--model`` the default model of ``mace_mp`` is used (downloaded once). Units: eV, Å, GPa, K, fs.
+
+Ordinary mistakes (a missing file, an unknown model, a device this machine lacks, no network)
+raise :class:`~mace_ase.cli.errors.CommandError` or a library error whose message says what to
+do; ``mace-ase`` prints it as one ``error: ...`` line (see :mod:`mace_ase.cli.errors`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 import numpy as np
+
+from mace_ase.cli.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,9 @@ def register(subparsers: Any) -> None:
 
 def _add_common(parser: argparse.ArgumentParser, default_dtype: str) -> None:
     parser.add_argument("file", help="structure file (any format ASE reads)")
-    parser.add_argument("--model", default=None, help="foundation model name, .model path, or 'emt'")
+    parser.add_argument("--model", default=None,
+                        help="catalogue name (`mace-ase models list`), .model path, 'emt-demo' (shipped, offline) "
+                             "or 'emt' (ASE's EMT); default: mace_mp's default model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     parser.add_argument(
         "--dtype", choices=("float32", "float64"), default=default_dtype, help=f"default {default_dtype}"
@@ -67,15 +77,17 @@ def _add_common(parser: argparse.ArgumentParser, default_dtype: str) -> None:
 
 
 def load_calculator(model: str | None, device: str | None, dtype: str, d3: bool = False):
-    """The calculator the CLI flags describe."""
+    """The calculator the CLI flags describe.
+
+    A catalogue name is loaded by the function of its family (``off23-medium`` by ``mace_off``, ...); anything
+    else (None for the default, a path, a URL) by ``mace_mp``.
+    """
     if model == "emt":
         from ase.calculators.emt import EMT
 
         calc = EMT()
     else:
-        from mace_ase.foundations import mace_mp
-
-        calc = mace_mp(model=model, device=device, default_dtype=dtype)  # model=None: the default model
+        calc = _load_mace(model, check_device(device), dtype)
     if d3:
         from mace_ase.dispersion import add_d3
 
@@ -83,11 +95,99 @@ def load_calculator(model: str | None, device: str | None, dtype: str, d3: bool 
     return calc
 
 
+def _load_mace(model: str | None, device: str | None, dtype: str):
+    from mace_ase import foundations
+    from mace_ase.io.registry import DownloadError, OfflineError, UnknownModelError, lookup
+
+    function, name = foundations.mace_mp, model
+    if model is not None and not model.startswith(("https://", "http://")) and not os.path.exists(model):
+        try:
+            entry = lookup(model)  # every family: the CLI has one --model for all of them
+        except UnknownModelError as error:
+            if os.sep not in model and not os.path.splitext(model)[1]:  # meant as a name, not as a file
+                raise CommandError(f"{error} (`mace-ase models list` describes them); --model also takes the "
+                                   "path of a .model file") from None
+            # a path that does not exist: mace_mp says so
+        else:
+            function, name = getattr(foundations, foundations.function_for(entry)), entry.name
+    try:
+        return function(model=name, device=device, default_dtype=dtype)
+    except (OfflineError, DownloadError) as error:
+        if model is not None:
+            raise
+        default = foundations.DEFAULT_MODELS["mace_mp"][-1][1]
+        raise CommandError(
+            f"{error} No --model was given, so the default model {default!r} is needed; without network use "
+            "`--model emt-demo` (shipped with mace-ase, for trying the commands) or --model PATH of a .model file."
+        ) from error
+
+
+def check_device(device: str | None) -> str | None:
+    """``device`` if this machine has it (None: the best available), else a CommandError saying what to do."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if torch.version.cuda is None:
+            raise CommandError(
+                f"--device {device}: this torch ({torch.__version__}) was built without CUDA. Install a CUDA build "
+                "of torch (https://pytorch.org/get-started/locally/) or use --device cpu."
+            )
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: torch sees no CUDA device (check the driver and "
+                               "CUDA_VISIBLE_DEVICES), or use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"numbered from 0.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu.")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise CommandError(f"--device {device}: mace-ase runs on cpu, cuda or mps.")
+    return device
+
+
+def check_elements(frames: list, calc: Any, path: str) -> None:
+    """A CommandError when the model has no parameters for an element in ``frames`` (before any step is taken)."""
+    from ase.data import chemical_symbols
+
+    parts = [calc, *calc.mixer.calcs] if hasattr(calc, "mixer") else [calc]  # with --d3: a SumCalculator
+    for part in parts:
+        known = getattr(part, "atomic_numbers", None)
+        if known is None:
+            continue
+        missing = sorted(set(int(z) for atoms in frames for z in atoms.numbers) - set(int(z) for z in known))
+        if missing:
+            name = part.parameters.get("model_name", "this model")
+            raise CommandError(
+                f"{path} contains {', '.join(chemical_symbols[z] for z in missing)}, for which {name} has no "
+                f"parameters (it knows {', '.join(chemical_symbols[int(z)] for z in known)}); choose a model trained "
+                "on these elements (`mace-ase models list`)."
+            )
+
+
 def _read(path: str, index: str = "-1"):
+    """The frames of a structure file; a CommandError naming the file when it cannot be read."""
     from ase.io import read
 
-    frames = read(path, index=index)
-    return frames if isinstance(frames, list) else [frames]
+    if os.path.isdir(path):
+        raise CommandError(f"{path} is a directory; give a structure file (extxyz, cif, POSCAR, ... any format ASE "
+                           "reads)")
+    if not os.path.isfile(path):
+        raise CommandError(f"no structure file {path}; give the path of a file ASE can read (extxyz, cif, POSCAR)")
+    try:
+        frames = read(path, index=index)
+    except Exception as error:  # any parser failure is a problem with this file, whatever the format's reader raises
+        raise CommandError(f"cannot read {path} as a structure ({type(error).__name__}: {error}); check the file "
+                           "and its format (ASE guesses it from the name; e.g. .xyz, .cif, POSCAR)") from error
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise CommandError(f"{path} holds no structure (index {index!r})")
+    return frames
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -95,8 +195,9 @@ def _eval(args: argparse.Namespace) -> int:
     from ase.calculators.calculator import PropertyNotImplementedError
     from ase.calculators.singlepoint import SinglePointCalculator
 
+    frames = _read(args.file, args.index)  # before the model: a wrong file name fails at once
     calc = load_calculator(args.model, args.device, args.dtype, args.d3)
-    frames = _read(args.file, args.index)
+    check_elements(frames, calc, args.file)
     print(f"{'frame':>5} {'atoms':>6} {'energy/eV':>16} {'eV/atom':>12} {'fmax/eV/Å':>10} {'P/GPa':>9}")
     for i, atoms in enumerate(frames):
         atoms.calc = calc
@@ -128,6 +229,7 @@ def _relax(args: argparse.Namespace) -> int:
 
     atoms = _read(args.file)[0]
     calc = load_calculator(args.model, args.device, args.dtype, args.d3)
+    check_elements([atoms], calc, args.file)
     result = relax(
         atoms, calc, fmax=args.fmax, steps=args.steps, optimizer=args.optimizer, cell=args.cell,
         pressure_gpa=args.pressure, fix_symmetry=args.fix_symmetry, trajectory=args.traj, logfile="-",
@@ -146,6 +248,7 @@ def _md(args: argparse.Namespace) -> int:
 
     atoms = _read(args.file)[0]
     calc = load_calculator(args.model, args.device, args.dtype, args.d3)
+    check_elements([atoms], calc, args.file)
     try:
         result = run_md(
             atoms, calc, ensemble=args.ensemble, temperature_k=args.temperature, timestep_fs=args.timestep,
