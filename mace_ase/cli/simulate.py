@@ -249,6 +249,11 @@ def _md(args: argparse.Namespace) -> int:
     atoms = _read(args.file)[0]
     calc = load_calculator(args.model, args.device, args.dtype, args.d3)
     check_elements([atoms], calc, args.file)
+    # run_md's progress lines (INFO, when no terminal shows a bar) are this command's output even without -v
+    md_log = logging.getLogger("mace_ase.dynamics.md")
+    level = md_log.level
+    if md_log.getEffectiveLevel() > logging.INFO:
+        md_log.setLevel(logging.INFO)
     try:
         result = run_md(
             atoms, calc, ensemble=args.ensemble, temperature_k=args.temperature, timestep_fs=args.timestep,
@@ -258,6 +263,8 @@ def _md(args: argparse.Namespace) -> int:
     except WatchdogStop as stop:
         print(f"stopped: {stop}")
         return 3
+    finally:
+        md_log.setLevel(level)
     print(result)
     if args.output:
         write(args.output, atoms)
