@@ -395,6 +395,13 @@ class MACECalculator(Calculator):
         if not isinstance(num_layers, int) or not 1 <= num_layers <= available:
             raise ValueError(f"num_layers must be -1 or 1..{available} (this model has {available} layers), "
                              f"not {num_layers!r}")
+        if len(atoms) == 0:  # the widths come from the layers' output shapes
+            self._check(atoms)
+            linears = [product.linear for product in self.models[0].products[:num_layers]]
+            width = sum(int(linear.weights[0].shape[1]) * (1 if invariants_only else sum(linear.out_dims))
+                        for linear in linears)
+            empty = np.zeros((0, width), dtype=np.float32 if self.dtype == torch.float32 else np.float64)
+            return empty if len(self.models) == 1 else [empty.copy() for _ in self.models]
         with self._threads(), torch.no_grad():
             graph = self._graph(atoms)
             positions, edge_index = graph["positions"], graph["edge_index"]
@@ -446,6 +453,9 @@ class MACECalculator(Calculator):
         atoms = atoms if atoms is not None else self.atoms
         if atoms is None:
             raise ValueError("get_hessian needs atoms")
+        if len(atoms) == 0:
+            self._check(atoms)
+            return np.zeros((0, 0))
         with self._threads():
             graph = self._graph(atoms)
             positions = graph.pop("positions").requires_grad_(True)

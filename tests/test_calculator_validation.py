@@ -55,6 +55,15 @@ def test_empty_atoms_follow_ase_convention(calc) -> None:
     assert_matches_reference(calc)
 
 
+def test_empty_atoms_descriptors_hessian_and_atomic_stresses() -> None:
+    calc = MACECalculator(model_paths=str(fixture_model("mp0a_medium")), device="cpu")
+    full = calc.get_descriptors(structure("triclinic"), invariants_only=False)
+    assert calc.get_descriptors(Atoms(), invariants_only=False).shape == (0, full.shape[1])
+    assert calc.get_descriptors(Atoms()).shape == (0, calc.get_descriptors(structure("triclinic")).shape[1])
+    assert calc.get_hessian(Atoms()).shape == (0, 0)
+    assert Atoms(cell=[3.0, 3.0, 3.0], pbc=True, calculator=calc).get_stresses().shape == (0, 6)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_position_names_the_atom(calc, value) -> None:
     atoms = structure("bulk_rattled")
