@@ -21,9 +21,9 @@ def _search_frame(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cuto
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Positions and cell for matscipy, which needs a non-singular cell and bins atoms inside it.
 
-    Along each non-periodic direction the box vector is a unit vector perpendicular to the periodic lattice vectors
-    (and to the other box vectors), ``spread + 2 * cutoff`` long, where ``spread`` is the extent of the atoms along
-    it; the atoms are translated so that they start ``cutoff`` inside the box. The search cost therefore depends on
+    Along each non-periodic direction the box vector is perpendicular to the periodic lattice vectors (and to the
+    other box vectors) and ``spread + 2 * cutoff`` long, where ``spread`` is the extent of the atoms along it; the
+    atoms are translated so that they start ``cutoff`` inside the box. The search cost therefore depends on
     the size of the structure, not on where it sits (a molecule 1e4 Å from the origin costs what it costs at the
     origin). A common translation changes no pair vector and no lattice shift, so the result is the same graph.
     Without periodicity in a direction no image is made, so the box length there only has to hold the atoms.
