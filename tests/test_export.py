@@ -39,16 +39,17 @@ def test_torchscript_export_raises_no_deprecation_warning(tmp_path):
 def test_exported_program_matches_the_eager_model(tmp_path):
     model = load_model(fixture_model("mp0b_agnesi_zbl"), device="cpu", dtype="float64")
     path = tmp_path / "model.pt2"
-    export_program(model, path)
+    elements = [int(z) for z in model.atomic_numbers][1:6]  # a subset, as LAMMPS's pair_coeff names them
+    export_program(model, path, elements=["C", 8, "Na", "Al", "Cl"])
     program = torch.export.load(str(path), extra_files={METADATA: ""})  # torch alone reads it
     assert isinstance(program, torch.export.ExportedProgram)
     loaded = load_program(path)
     assert loaded.metadata["r_max"] == model.r_max_value and loaded.metadata["head"] == model.heads[0]
+    assert [int(model.atomic_numbers[i]) for i in loaded.metadata["exported"]] == elements == [6, 8, 11, 13, 17]
 
-    elements = [int(z) for z in model.atomic_numbers]
     rng = np.random.default_rng(0)
     cases = []
-    for n_atoms, pbc in ((5, False), (14, True)):  # different atom and neighbour counts; one element left out
+    for n_atoms, pbc in ((5, False), (14, True)):  # different atom and neighbour counts; some elements absent
         numbers = rng.choice(elements[1:], size=n_atoms)
         grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n_atoms] * 1.6
         cases.append(Atoms(numbers=numbers, positions=grid + rng.uniform(-0.2, 0.2, (n_atoms, 3)),
@@ -62,10 +63,15 @@ def test_exported_program_matches_the_eager_model(tmp_path):
         torch.testing.assert_close(exported["forces"], eager["forces"], rtol=1e-9, atol=1e-10)
         if atoms.pbc.all():
             torch.testing.assert_close(exported["stress"], eager["stress"], rtol=1e-9, atol=1e-12)
+    hydrogen = Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]])
+    with pytest.raises(ValueError, match=r"atomic numbers \[1\] were not exported"):
+        loaded(*graph(model, hydrogen), compute_stress=False)
 
 
 def test_export_program_refuses_an_unknown_head(tmp_path):
     model = load_model(fixture_model("mp0a_small"), device="cpu")
     with pytest.raises(ValueError, match="not one of the model's heads"):
         export_program(model, tmp_path / "x.pt2", head="nope")
+    with pytest.raises(ValueError, match=r"elements \['U'\] are not in the model"):
+        export_program(model, tmp_path / "x.pt2", elements=["H", "U"])
     assert not list(tmp_path.iterdir())

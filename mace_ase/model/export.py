@@ -33,12 +33,22 @@ import copy
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from mace_ase.model.mace import MACE
+
+# element symbols <-> Z without ASE (the model layer does not import it)
+chemical_symbols = ["X", "H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne", "Na", "Mg", "Al", "Si", "P", "S", "Cl",
+                    "Ar", "K", "Ca", "Sc", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Ga", "Ge", "As", "Se",
+                    "Br", "Kr", "Rb", "Sr", "Y", "Zr", "Nb", "Mo", "Tc", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb",
+                    "Te", "I", "Xe", "Cs", "Ba", "La", "Ce", "Pr", "Nd", "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er",
+                    "Tm", "Yb", "Lu", "Hf", "Ta", "W", "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi", "Po", "At",
+                    "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U", "Np", "Pu", "Am", "Cm", "Bk", "Cf", "Es", "Fm", "Md", "No",
+                    "Lr", "Rf", "Db", "Sg", "Bh", "Hs", "Mt", "Ds", "Rg", "Cn", "Nh", "Fl", "Mc", "Lv", "Ts", "Og"]
+atomic_numbers = {symbol: z for z, symbol in enumerate(chemical_symbols)}
 
 __all__ = ["ExportedMACE", "NodeEnergyProgram", "export_program", "load_program", "save_torchscript"]
 
@@ -58,15 +68,20 @@ class NodeEnergyProgram(nn.Module):
     """What :func:`export_program` exports: node energies (eV, E0 excluded) of one head from the padded, per-element
     layout described in the module docstring. Uses the plain reference code of the model (no compiled kernels)."""
 
-    def __init__(self, model: MACE, head: int) -> None:
+    def __init__(self, model: MACE, head: int, elements: List[int]) -> None:
         super().__init__()
         self.model = model
         self.head = head
+        self.elements = elements  # model indices of the exported elements, increasing; one input block each
 
     def forward(self, vectors: List[Tensor], senders: List[Tensor]) -> Tensor:
-        counts = [v.shape[0] for v in vectors]  # shapes of the inputs: symbolic when exported, not data-dependent
-        species = torch.cat([torch.full((count,), element, dtype=torch.long, device=vectors[0].device)
-                             for element, count in enumerate(counts)])
+        # counts are shapes of the inputs: symbolic when exported, not data-dependent; elements not exported have
+        # a constant count of 0 (the model skips them)
+        counts = [0] * int(self.model.atomic_numbers.shape[0])
+        for block, element in enumerate(self.elements):
+            counts[element] = vectors[block].shape[0]
+        species = torch.cat([torch.full((v.shape[0],), element, dtype=torch.long, device=v.device)
+                             for v, element in zip(vectors, self.elements)])
         flat_vectors = torch.cat(vectors).reshape(-1, 3)
         flat_senders = torch.cat(senders).reshape(-1)
         return self.model.node_energies(flat_vectors, species, flat_senders, self.head, counts)
@@ -84,10 +99,10 @@ def _reference_copy(model: MACE) -> MACE:
     return reference
 
 
-def _example(model: MACE) -> Tuple[List[Tensor], List[Tensor]]:
+def _example(model: MACE, n_elements: int) -> Tuple[List[Tensor], List[Tensor]]:
     """A small synthetic graph (2 nodes per element, 3 slots) to trace with; the traced shapes are symbolic."""
     dtype, device = model.r_max.dtype, model.r_max.device
-    n_elements, slots = int(model.atomic_numbers.shape[0]), 3
+    slots = 3
     vectors, senders = [], []
     for element in range(n_elements):
         v = torch.zeros(2, slots, 3, dtype=dtype, device=device)
@@ -101,13 +116,18 @@ def _example(model: MACE) -> Tuple[List[Tensor], List[Tensor]]:
     return vectors, senders
 
 
-def export_program(model: MACE, path: str | os.PathLike, head: int | str = 0) -> None:
+def export_program(model: MACE, path: str | os.PathLike, head: int | str = 0,
+                   elements: Sequence[str | int] | None = None) -> None:
     """Write a ``torch.export`` program (``.pt2``) of ``model``'s node energies for one head (see module docstring).
 
     Args:
         model: a :class:`MACE` (from :func:`mace_ase.load_model`), in the dtype and on the device to export for.
         path: the ``.pt2`` file to write (written to a temporary name, then renamed).
         head: head index or name.
+        elements: the elements the program takes (symbols or atomic numbers), as LAMMPS's ``pair_coeff`` lists
+            them; None exports every element of the model. Each exported element is one input block and runs on
+            every call, so for the 89-element foundation models name the elements you simulate: exporting all 89
+            takes minutes and every call pays for all of them.
 
     Read it back with ``torch.export.load(path)`` (torch only) or :func:`load_program` (energies, forces, stress).
     """
@@ -117,16 +137,25 @@ def export_program(model: MACE, path: str | os.PathLike, head: int | str = 0) ->
         head = model.heads.index(head)
     if not 0 <= head < len(model.heads):
         raise ValueError(f"head index {head} out of range for heads {model.heads}")
-    program = NodeEnergyProgram(_reference_copy(model), head)
-    n_elements = int(model.atomic_numbers.shape[0])
+    model_numbers = [int(z) for z in model.atomic_numbers]
+    if elements is None:
+        indices = list(range(len(model_numbers)))
+    else:
+        wanted = {atomic_numbers[e] if isinstance(e, str) else int(e) for e in elements}
+        missing = sorted(wanted - set(model_numbers))
+        if missing:
+            raise ValueError(f"elements {[chemical_symbols[z] for z in missing]} are not in the model (it has "
+                             f"{', '.join(chemical_symbols[z] for z in model_numbers)})")
+        indices = [i for i, z in enumerate(model_numbers) if z in wanted]
+    program = NodeEnergyProgram(_reference_copy(model), head, indices)
     slots = torch.export.Dim("neighbour_slots", min=1)
-    nodes = [torch.export.Dim(f"nodes_of_element_{e}", min=1) for e in range(n_elements)]
-    dynamic = {"vectors": [{0: nodes[e], 1: slots} for e in range(n_elements)],
-               "senders": [{0: nodes[e], 1: slots} for e in range(n_elements)]}
-    exported = torch.export.export(program, _example(model), dynamic_shapes=dynamic)
+    nodes = [torch.export.Dim(f"nodes_of_{chemical_symbols[model_numbers[i]]}", min=1) for i in indices]
+    dynamic = {"vectors": [{0: dim, 1: slots} for dim in nodes], "senders": [{0: dim, 1: slots} for dim in nodes]}
+    exported = torch.export.export(program, _example(model, len(indices)), dynamic_shapes=dynamic)
     metadata = {
         "format": FORMAT,
-        "atomic_numbers": model.atomic_numbers.tolist(),
+        "atomic_numbers": model_numbers,  # all of the model's, in model order (species indices refer to these)
+        "exported": indices,  # model indices of the exported elements: one input block each, in this order
         "r_max": model.r_max_value,
         "dummy_edge_length": 2.0 * model.r_max_value + 10.0,
         "head": model.heads[head],
@@ -160,6 +189,7 @@ class ExportedMACE:
         self.metadata = metadata
         self.dtype = getattr(torch, metadata["dtype"])
         self.atomic_numbers = torch.tensor(metadata["atomic_numbers"], dtype=torch.long)
+        self.exported = [int(i) for i in metadata["exported"]]
         self.r_max_value = float(metadata["r_max"])
         self.atomic_energies = torch.tensor(metadata["atomic_energies"], dtype=torch.float64)
 
@@ -169,16 +199,22 @@ class ExportedMACE:
         _, inverse, sorted_species, counts, sender, receiver = self.group_by_element(species, edge_index)
         padded_vectors, padded_sender = self.pad_edges(vectors, sender, receiver, n_nodes)
         slots = padded_vectors.shape[0] // max(n_nodes, 1)
-        # absent elements get one phantom node with only dummy edges; later blocks move up by one per phantom
-        absent = torch.tensor([count == 0 for count in counts], dtype=torch.long)
+        missing = [int(self.atomic_numbers[e]) for e in range(n_elements) if counts[e] and e not in self.exported]
+        if missing:
+            raise ValueError(f"atomic numbers {missing} were not exported into this program (it takes "
+                             f"{[int(self.atomic_numbers[e]) for e in self.exported]})")
+        # exported elements that are absent get one phantom node with only dummy edges; later blocks move up by one
+        # per phantom
+        absent = torch.tensor([e in self.exported and counts[e] == 0 for e in range(n_elements)], dtype=torch.long)
         shift = torch.cumsum(absent, 0) - absent  # phantoms before each element's block
         padded_sender = padded_sender + shift[sorted_species[padded_sender]]
         dummy = torch.zeros(1, slots, 3, dtype=vectors.dtype, device=vectors.device)
         dummy[..., 0] = 2.0 * self.r_max_value + 10.0
-        blocks_v, blocks_s, keep, start = [], [], [], 0
+        blocks_v, blocks_s, keep = [], [], []
+        starts = [sum(counts[:e]) for e in range(n_elements)]
         grid_v, grid_s = padded_vectors.view(n_nodes, slots, 3), padded_sender.view(n_nodes, slots)
-        for element in range(n_elements):
-            count = counts[element]
+        for element in self.exported:
+            count, start = counts[element], starts[element]
             first = start + int(shift[element])  # index of this block's first node in the program's numbering
             if count == 0:
                 blocks_v.append(dummy)
@@ -188,7 +224,6 @@ class ExportedMACE:
                 blocks_v.append(grid_v[start:start + count])
                 blocks_s.append(grid_s[start:start + count])
                 keep.append(torch.ones(count, dtype=torch.bool))
-            start += count
         energies = self.program(blocks_v, blocks_s)[torch.cat(keep)]
         return energies[inverse]
 
