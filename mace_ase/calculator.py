@@ -70,7 +70,8 @@ class MACECalculator(Calculator):
             for its run when the calculator's skin is 0 (attribute ``skin``, settable).
         compute_atomic_stresses: also compute per-atom stresses ``stresses`` at every call (``atoms.get_stresses()``
             computes them on request anyway): mace-torch's definition, each edge's virial split half to each end,
-            over the cell volume; they sum to ``stress``. Fully periodic systems only.
+            over the cell volume; they sum to ``stress``; also ``results["virials"]``, mace-torch's per-atom
+            virials ``-stress_i * V`` ``(N, 3, 3)`` in eV. Fully periodic systems only.
         num_threads: CPU threads torch uses during this calculator's calls (the caller's setting is restored after
             each call; torch's setting is per process, so two calculators with different values should not run
             at the same time in two threads). ``None``: leave torch's setting alone.
@@ -331,8 +332,10 @@ class MACECalculator(Calculator):
         }
         if periodic:
             results["stress"] = full_3x3_to_voigt_6_stress(stress.mean(axis=0))
-        if atomic:  # per atom, Voigt, as mace-torch's results["stresses"]
-            results["stresses"] = full_3x3_to_voigt_6_stress(stack("atomic_stresses").mean(axis=0))
+        if atomic:  # per atom as mace-torch: "stresses" Voigt (N, 6) eV/Å³, "virials" (N, 3, 3) eV = -stress * V
+            atomic_stresses = stack("atomic_stresses").mean(axis=0)
+            results["stresses"] = full_3x3_to_voigt_6_stress(atomic_stresses)
+            results["virials"] = -atomic_stresses * abs(float(np.linalg.det(atoms.cell.array)))
         if len(self.models) > 1:
             results["energy_var"] = float(energy.var())
             results["forces_var"] = forces.var(axis=0)

@@ -68,6 +68,9 @@ def test_atomic_stresses_match_mace_torch_and_sum_to_the_stress(model: str, entr
     assert stresses.shape == (len(atoms), 6)
     assert np.abs(stresses - np.array(entry["stresses"])).max() <= 1e-9
     assert np.abs(stresses.sum(axis=0) - atoms.get_stress()).max() <= 1e-12
+    virials = calc.results["virials"]  # mace-torch's per-atom virials, eV
+    assert virials.shape == (len(atoms), 3, 3)
+    assert np.abs(virials - np.array(entry["virials"])).max() <= 1e-9 * atoms.get_volume()  # as the stresses
     # without the keyword, get_stresses() computes them on request
     plain = structure(entry["structure"])
     plain.calc = _calc(model, entry["head"])
