@@ -42,6 +42,9 @@ def test_list_shows_every_model_and_cache_state(cache, model_file, capsys):
     assert "MiB" in rows["small"] or "KiB" in rows["small"] or " B " in rows["small"]
     assert rows["medium-mpa-0"].split()[1] == "*" and rows["medium-mpa-0"].rstrip().endswith("no")
     assert "ASL" in rows["medium-omat-0"] and str(cache) in out and "Offline mode" in out
+    for name in ("mh-0", "mh-1", "omol-0-extra-large"):  # mace-ase cannot run them: marked, and the mark explained
+        assert rows[name].split()[1:3] in (["!", registry.lookup(name).family], ["*", "!"])
+    assert "! mace-ase cannot run it" in out and rows["small"].split()[1] == "mp"
 
 
 def test_download_path_verify_clear(cache, model_file, capsys):
