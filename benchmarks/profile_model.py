@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--reference", action="store_true", help="profile the plain-torch reference path")
+    parser.add_argument("--compare", action="store_true",
+                        help="time the reference and the fast path alternately in this process (A/B under one load)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -37,6 +40,24 @@ def main() -> None:
     atoms = make_silicon(args.atoms)
     graph = calc._graph(atoms)
     model = calc.models[0]
+    from mace_ase.model import fused
+
+    kernel = fused.load_kernel()[0] is not None
+    if args.compare:
+        best = {"reference": [], "fast": []}
+        for _ in range(args.repeat):
+            for name, enabled in (("reference", False), ("fast", True)):
+                fused._set(model, enabled, enabled and kernel)
+                model(**graph, head=0, compute_stress=True)
+                t0 = time.perf_counter()
+                model(**graph, head=0, compute_stress=True)
+                best[name].append(time.perf_counter() - t0)
+        print(f"A/B {args.atoms} atoms {args.dtype} {args.threads} thread(s), load {os.getloadavg()[0]:.2f}: "
+              f"reference best {min(best['reference']):.4f} s, fast best {min(best['fast']):.4f} s, "
+              f"speed-up {min(best['reference']) / min(best['fast']):.2f}x")
+        return
+    if args.reference:
+        fused._set(model, False, False)
     model(**graph, head=0, compute_stress=True)  # warm-up
     times = []
     for _ in range(args.repeat):

@@ -2,16 +2,20 @@
 
     python benchmarks/time_calculator.py --impl ours  --model FILE --dtype float32 --atoms 64 216 512
     python benchmarks/time_calculator.py --impl mace-torch --model FILE ...   (in a venv with mace-torch 0.3.16)
+    python benchmarks/time_calculator.py --impl symmetrix --model FILE.json ...  (in a venv with symmetrix-xl)
 
 Prints one JSON line per system: implementation, dtype, atoms, edges, best and median wall time of --repeat calls
-(after one warm-up call), and peak RSS. The structures are rattled diamond-Si supercells (r_max 6 Å: ~45 neighbours).
-`benchmarks/compare_cpu.sh` runs both implementations side by side and writes RESULTS rows.
+(after one warm-up call), peak RSS, and the peak RSS growth of the warm-up call (the memory one call needs
+beyond what the process already held; per edge it is the figure issue 9 bounds). The structures are rattled
+diamond-Si supercells (r_max 6 Å: ~45 neighbours). `benchmarks/compare_all.sh` runs mace-torch, mace-ase and
+Symmetrix-XL side by side and writes the RESULTS table (`compare_cpu.sh`: the older two-engine version).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -22,15 +26,21 @@ from ase.build import bulk
 
 
 def make_silicon(n_atoms: int) -> Atoms:
-    cells = {8: (1, 1, 1), 64: (2, 2, 2), 216: (3, 3, 3), 512: (4, 4, 4), 1000: (5, 5, 5), 1728: (6, 6, 6)}
+    cells = {8: (1, 1, 1), 64: (2, 2, 2), 216: (3, 3, 3), 512: (4, 4, 4), 1000: (5, 5, 5), 1728: (6, 6, 6),
+             4096: (8, 8, 8), 8000: (10, 10, 10)}
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(cells[n_atoms])
     atoms.rattle(0.05, seed=0)
     return atoms
 
 
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "mace-torch"], required=True)
+    parser.add_argument("--impl", choices=["ours", "mace-torch", "symmetrix"], required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
@@ -46,6 +56,10 @@ def main() -> None:
         from mace_ase.calculator import MACECalculator
 
         calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype)
+    elif args.impl == "symmetrix":
+        from symmetrix import Symmetrix
+
+        calc = Symmetrix(model_file=args.model, dtype=args.dtype)
     else:
         from mace.calculators import MACECalculator
 
@@ -55,7 +69,10 @@ def main() -> None:
     for n in args.atoms:
         atoms = make_silicon(n)
         atoms.calc = calc
-        atoms.get_forces()  # warm-up
+        rss_before = _current_rss_mb()
+        atoms.get_forces()  # warm-up; its peak RSS growth is the memory one call needs (ru_maxrss only grows, so
+        atoms.get_stress()  # it is measured on the first call of each size; sizes run smallest first)
+        growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
         times = []
         for step in range(args.repeat):
             atoms.positions += 1e-4  # a new geometry each call: nothing cached
@@ -74,6 +91,7 @@ def main() -> None:
             "impl": args.impl, "dtype": args.dtype, "device": args.device, "atoms": n, "edges": edges,
             "best_s": min(times), "median_s": statistics.median(times), "load_s": load_time,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "call_growth_mb": growth, "load_avg": os.getloadavg()[0],
             "threads": torch.get_num_threads(),
         }), flush=True)
 

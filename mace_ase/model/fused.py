@@ -45,6 +45,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 CHUNK_EDGES = 4096  # edge rows per chunk: ~30 MB of float32 work arrays for MP-0-medium, L2-friendly
+KEEP_BYTES = 128 * 2**20  # radial-MLP graphs kept from the forward pass (last chunks first); the rest is recomputed
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [_KERNELS / "convolution.cpp", _KERNELS / "symmetric_contraction.cpp", _KERNELS / "module.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: the sums must stay IEEE
@@ -105,8 +106,10 @@ def load_kernel() -> Tuple[Optional[Any], str]:
 
         folder = kernel_directory()
         name = "mace_ase_kernels_" + folder.name.split("-")[-1]
-        module = cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES], build_directory=str(folder),
-                                    extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        logger.info("mace-ase: compiling the CPU kernels into %s (first use only, about a minute)", folder)
+        module = cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES],
+                                    build_directory=str(folder), extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                                    verbose=False)
         return module, ""
     except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
         return None, f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
@@ -188,18 +191,22 @@ class _FusedConvolution(torch.autograd.Function):
         tables = interaction.fused_tables
         out = h_up.new_empty(n_receivers, tables[4], channels)
         chunks = _chunks(n_receivers, neighbours)
-        ctx.kept = None
+        ctx.kept = {}
+        # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights) are kept for the backward pass,
+        # which starts there; the other chunks are recomputed.
+        row_bytes = interaction.radial_mlp.weights[-1].shape[1] * h_up.element_size() * 2  # weights + hidden
+        n_keep = min(len(chunks), KEEP_BYTES // max(row_bytes * CHUNK_EDGES, 1))
+        n_keep = n_keep if any(ctx.needs_input_grad[3:5]) else 0
         for index, (start, stop) in enumerate(chunks):
             rows = slice(start * neighbours, stop * neighbours)
             if use_kernel:
-                # The last chunk's radial MLP graph is kept: the backward pass starts there and needs no recompute.
-                keep = index == len(chunks) - 1 and any(ctx.needs_input_grad[3:5])
+                keep = index >= len(chunks) - n_keep
                 with torch.set_grad_enabled(keep):
                     feats = edge_feats[rows].detach().requires_grad_(keep and ctx.needs_input_grad[3])
                     env = envelope[rows].detach().requires_grad_(keep and ctx.needs_input_grad[4])
                     weights = _radial_weights(interaction, feats, env, channels)
                 if keep:
-                    ctx.kept = (feats, env, weights)
+                    ctx.kept[index] = (feats, env, weights)
                 out[start:stop] = load_kernel()[0].convolution_forward(
                     weights.detach(), sh[rows], h_up, sender[rows], active[rows], stop - start, tables[4],
                     *tables[:4])
@@ -244,8 +251,8 @@ def _kernel_backward(ctx, grad_out, h_up, sh, edge_feats, envelope, sender, acti
     for index in reversed(range(len(chunks))):
         start, stop = chunks[index]
         rows = slice(start * neighbours, stop * neighbours)
-        if index == len(chunks) - 1 and ctx.kept is not None:
-            feats, env, weights = ctx.kept
+        if index in ctx.kept:
+            feats, env, weights = ctx.kept.pop(index)  # freed as soon as it is used
         else:
             with torch.enable_grad():
                 feats = edge_feats[rows].detach().requires_grad_(need_feats)
