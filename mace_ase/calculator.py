@@ -276,7 +276,9 @@ class MACECalculator(Calculator):
             validation.check_close_pairs(np.einsum("ij,ij->i", vectors, vectors), edge_index, self.min_distance)
 
     def _bytes_per_edge(self) -> int:
-        return validation.bytes_per_edge(int(self.models[0].embedding.shape[1]), torch.finfo(self.dtype).bits // 8)
+        model = self.models[0]
+        chunked = all(getattr(interaction, "fused", False) for interaction in model.interactions)
+        return validation.bytes_per_edge(int(model.embedding.shape[1]), torch.finfo(self.dtype).bits // 8, chunked)
 
     def _memory_budget(self) -> int:
         return validation.memory_budget(self.memory_limit_gb, self.device.type)

@@ -15,10 +15,13 @@ import numpy as np
 
 from mace_ase.options import default_device
 
-# Memory the model needs per edge, per feature channel, per byte of the float type: measured on MACE-MP-0 medium
-# (128 channels, two layers, float64: about 80 kB per edge at peak, forward and backward together) and rounded up.
-_BYTES_PER_EDGE_PER_CHANNEL_ITEM = 80
-_BYTES_PER_EDGE_FIXED = 400  # neighbour search, index and shift arrays, padding
+# Peak memory of one energy-and-forces call per edge (forward and backward), per feature channel and byte of the
+# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout). Measured by peak RSS on 4000-
+# 40000-edge structures (benchmarks: 128-channel MP-0/MPA-0 medium and 16-channel fixtures, float32 and float64) and
+# rounded up: the chunked convolution (mace_ase.model.fused, the default) keeps ~10 B per edge, channel and byte
+# (MP-0 medium float64: 9.8 kB/edge measured), the reference convolution ~75 (MP-0 medium float64: 75-85 kB/edge).
+_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 12, False: 80}
+_BYTES_PER_EDGE_FIXED = 3000
 _DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available now
 MEMORY_LIMIT_ENV = "MACE_ASE_MEMORY_LIMIT_GB"
 
@@ -132,9 +135,10 @@ def estimate_edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     return int(min(n * per_atom, float(n) * n * images))
 
 
-def bytes_per_edge(channels: int, itemsize: int) -> int:
-    """Peak memory of one energy-and-forces call per edge (bytes), for a model with ``channels`` feature channels."""
-    return _BYTES_PER_EDGE_PER_CHANNEL_ITEM * channels * itemsize + _BYTES_PER_EDGE_FIXED
+def bytes_per_edge(channels: int, itemsize: int, chunked: bool = True) -> int:
+    """Peak memory of one energy-and-forces call per edge (bytes), for a model with ``channels`` feature channels
+    and ``itemsize``-byte floats; ``chunked``: the model uses the chunked (fused) convolution."""
+    return _BYTES_PER_EDGE_PER_CHANNEL_ITEM[bool(chunked)] * channels * itemsize + _BYTES_PER_EDGE_FIXED
 
 
 def available_memory(device_type: str = "cpu") -> int:

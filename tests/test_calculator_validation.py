@@ -171,6 +171,23 @@ def test_million_atoms_are_refused_before_allocation(calc, monkeypatch) -> None:
     assert_matches_reference(limited)
 
 
+def test_default_budget_is_the_memory_available(monkeypatch) -> None:
+    """Without a limit the budget is 80 % of what the machine has free: a million atoms do not fit in 24 GB."""
+    from mace_ase import validation
+
+    monkeypatch.delenv("MACE_ASE_MEMORY_LIMIT_GB", raising=False)
+    monkeypatch.setattr(validation, "available_memory", lambda device_type="cpu": 24_000_000_000)
+    calc = MACECalculator(model_paths=str(fixture_model(MODEL)), device="cpu")
+    n = 1_000_000
+    side = (n / 0.08) ** (1 / 3)
+    atoms = Atoms(numbers=np.full(n, 29), positions=np.random.default_rng(1).random((n, 3)) * side,
+                  cell=[side] * 3, pbc=True)
+    atoms.calc = calc
+    with pytest.raises(InsufficientMemoryError, match="19.2 GB budget"):
+        atoms.get_potential_energy()
+    assert_matches_reference(calc)  # ordinary structures fit
+
+
 def test_memory_limit_from_environment(monkeypatch) -> None:
     monkeypatch.setenv("MACE_ASE_MEMORY_LIMIT_GB", "1e-6")
     calc = MACECalculator(model_paths=str(fixture_model(MODEL)), device="cpu")
