@@ -11,13 +11,14 @@ deprecation warnings are silenced inside these calls only (``warnings.catch_warn
   element, the ``[N, K]`` neighbour grid) has shapes that depend on the *values* of the inputs (element counts, the
   largest neighbour count), which ``torch.export`` cannot trace symbolically.
 * Exported is the node-energy function on the padded layout, differentiable in its inputs: ``program(vectors,
-  senders) -> node energies`` (eV, without E0) where, for every model element ``e`` (in model order),
-  ``vectors[e]`` is ``[n_e, K, 3]`` (Å) and ``senders[e]`` ``[n_e, K]`` (int64): the edge vectors and global sender
-  indices of the ``n_e`` receivers of element ``e``. Nodes are numbered element block by element block; each
-  receiver has ``K`` neighbour slots, unused ones hold the dummy edge ``(2 r_max + 10 Å, 0, 0)`` from the node to
-  itself (zero contribution). The numbers of atoms of each element (``n_e >= 1``: add an isolated phantom node for
-  an absent element and drop its energy) and ``K`` are dynamic. Forces and stress follow from one backward pass
-  through the loaded program (``F_i = sum_{sender=i} g - sum_{receiver=i} g``, ``virial = sum r (x) g``).
+  senders) -> node energies`` (eV, without E0) where, for the b-th exported element ``e`` (model order; all of the
+  model's, or those named by ``elements=``), ``vectors[b]`` is ``[n_e, K, 3]`` (Å) and ``senders[b]`` ``[n_e, K]``
+  (int64): the edge vectors and global sender indices of the ``n_e`` receivers of element ``e``. Nodes are numbered
+  element block by element block; each receiver has ``K`` neighbour slots, unused ones hold the dummy edge
+  ``(2 r_max + 10 Å, 0, 0)`` from the node to itself (zero contribution). The numbers of atoms of each element
+  (``n_e >= 1``: add an isolated phantom node for an absent element and drop its energy) and ``K`` are dynamic.
+  Forces and stress follow from one backward pass through the loaded program
+  (``F_i = sum_{sender=i} g - sum_{receiver=i} g``, ``virial = sum r (x) g``).
 * :func:`load_program` returns :class:`ExportedMACE`, which does that layout and the backward pass and has the
   inputs and outputs of :meth:`MACE.forward`; the ``.pt2`` also carries ``mace_ase.json`` (elements, r_max, head,
   E0, dtype) so that any other caller can do the same.
@@ -39,16 +40,6 @@ import torch
 from torch import Tensor, nn
 
 from mace_ase.model.mace import MACE
-
-# element symbols <-> Z without ASE (the model layer does not import it)
-chemical_symbols = ["X", "H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne", "Na", "Mg", "Al", "Si", "P", "S", "Cl",
-                    "Ar", "K", "Ca", "Sc", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Ga", "Ge", "As", "Se",
-                    "Br", "Kr", "Rb", "Sr", "Y", "Zr", "Nb", "Mo", "Tc", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb",
-                    "Te", "I", "Xe", "Cs", "Ba", "La", "Ce", "Pr", "Nd", "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er",
-                    "Tm", "Yb", "Lu", "Hf", "Ta", "W", "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi", "Po", "At",
-                    "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U", "Np", "Pu", "Am", "Cm", "Bk", "Cf", "Es", "Fm", "Md", "No",
-                    "Lr", "Rf", "Db", "Sg", "Bh", "Hs", "Mt", "Ds", "Rg", "Cn", "Nh", "Fl", "Mc", "Lv", "Ts", "Og"]
-atomic_numbers = {symbol: z for z, symbol in enumerate(chemical_symbols)}
 
 __all__ = ["ExportedMACE", "NodeEnergyProgram", "export_program", "load_program", "save_torchscript"]
 
@@ -117,17 +108,18 @@ def _example(model: MACE, n_elements: int) -> Tuple[List[Tensor], List[Tensor]]:
 
 
 def export_program(model: MACE, path: str | os.PathLike, head: int | str = 0,
-                   elements: Sequence[str | int] | None = None) -> None:
+                   elements: Sequence[int] | None = None) -> None:
     """Write a ``torch.export`` program (``.pt2``) of ``model``'s node energies for one head (see module docstring).
 
     Args:
         model: a :class:`MACE` (from :func:`mace_ase.load_model`), in the dtype and on the device to export for.
         path: the ``.pt2`` file to write (written to a temporary name, then renamed).
         head: head index or name.
-        elements: the elements the program takes (symbols or atomic numbers), as LAMMPS's ``pair_coeff`` lists
-            them; None exports every element of the model. Each exported element is one input block and runs on
-            every call, so for the 89-element foundation models name the elements you simulate: exporting all 89
-            takes minutes and every call pays for all of them.
+        elements: atomic numbers of the elements the program takes (as LAMMPS's ``pair_coeff`` lists them; from
+            symbols: ``ase.data.atomic_numbers[symbol]``); None exports every element of the model. Each exported
+            element is one input block and runs on every call, so for the 89-element foundation models name the
+            elements you simulate: exporting all 89 had not finished after 12 minutes on two busy cores, and
+            every call pays for all of them.
 
     Read it back with ``torch.export.load(path)`` (torch only) or :func:`load_program` (energies, forces, stress).
     """
@@ -141,15 +133,14 @@ def export_program(model: MACE, path: str | os.PathLike, head: int | str = 0,
     if elements is None:
         indices = list(range(len(model_numbers)))
     else:
-        wanted = {atomic_numbers[e] if isinstance(e, str) else int(e) for e in elements}
+        wanted = {int(z) for z in elements}
         missing = sorted(wanted - set(model_numbers))
         if missing:
-            raise ValueError(f"elements {[chemical_symbols[z] for z in missing]} are not in the model (it has "
-                             f"{', '.join(chemical_symbols[z] for z in model_numbers)})")
+            raise ValueError(f"atomic numbers {missing} are not in the model (it has {model_numbers})")
         indices = [i for i, z in enumerate(model_numbers) if z in wanted]
     program = NodeEnergyProgram(_reference_copy(model), head, indices)
     slots = torch.export.Dim("neighbour_slots", min=1)
-    nodes = [torch.export.Dim(f"nodes_of_{chemical_symbols[model_numbers[i]]}", min=1) for i in indices]
+    nodes = [torch.export.Dim(f"nodes_of_Z{model_numbers[i]}", min=1) for i in indices]
     dynamic = {"vectors": [{0: dim, 1: slots} for dim in nodes], "senders": [{0: dim, 1: slots} for dim in nodes]}
     exported = torch.export.export(program, _example(model, len(indices)), dynamic_shapes=dynamic)
     metadata = {
@@ -188,7 +179,8 @@ class ExportedMACE:
         self.program = program.module()
         self.metadata = metadata
         self.dtype = getattr(torch, metadata["dtype"])
-        self.atomic_numbers = torch.tensor(metadata["atomic_numbers"], dtype=torch.long)
+        self.atomic_numbers = torch.tensor(metadata["atomic_numbers"], dtype=torch.long)  # on the CPU: only its
+        # length is used (group_by_element's bincount)
         self.exported = [int(i) for i in metadata["exported"]]
         self.r_max_value = float(metadata["r_max"])
         self.atomic_energies = torch.tensor(metadata["atomic_energies"], dtype=torch.float64)
@@ -205,7 +197,8 @@ class ExportedMACE:
                              f"{[int(self.atomic_numbers[e]) for e in self.exported]})")
         # exported elements that are absent get one phantom node with only dummy edges; later blocks move up by one
         # per phantom
-        absent = torch.tensor([e in self.exported and counts[e] == 0 for e in range(n_elements)], dtype=torch.long)
+        absent = torch.tensor([e in self.exported and counts[e] == 0 for e in range(n_elements)], dtype=torch.long,
+                              device=vectors.device)
         shift = torch.cumsum(absent, 0) - absent  # phantoms before each element's block
         padded_sender = padded_sender + shift[sorted_species[padded_sender]]
         dummy = torch.zeros(1, slots, 3, dtype=vectors.dtype, device=vectors.device)
@@ -219,11 +212,11 @@ class ExportedMACE:
             if count == 0:
                 blocks_v.append(dummy)
                 blocks_s.append(torch.full((1, slots), first, dtype=torch.long, device=vectors.device))
-                keep.append(torch.zeros(1, dtype=torch.bool))
+                keep.append(torch.zeros(1, dtype=torch.bool, device=vectors.device))
             else:
                 blocks_v.append(grid_v[start:start + count])
                 blocks_s.append(grid_s[start:start + count])
-                keep.append(torch.ones(count, dtype=torch.bool))
+                keep.append(torch.ones(count, dtype=torch.bool, device=vectors.device))
         energies = self.program(blocks_v, blocks_s)[torch.cat(keep)]
         return energies[inverse]
 
@@ -241,7 +234,7 @@ class ExportedMACE:
         if compute_stress:
             virial = vectors.detach().transpose(0, 1) @ edge_grad
             stress = 0.5 * (virial + virial.transpose(0, 1)) / torch.abs(torch.linalg.det(cell))
-        e0 = self.atomic_energies[species]
+        e0 = self.atomic_energies.to(positions.device)[species]
         return {"energy": e0.sum() + node_inter.detach().to(torch.float64).sum(),
                 "node_energy": node_inter.detach().to(torch.float64), "forces": forces, "stress": stress}
 
