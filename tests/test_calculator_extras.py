@@ -293,3 +293,22 @@ def test_provenance_in_extended_xyz(tmp_path) -> None:
     assert frame.info["mace_model_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert frame.info["mace_torch_version"] == torch.__version__ and frame.info["mace_dtype"] == "float64"
     assert frame.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+
+
+def _energy_in_child(calc: MACECalculator, atoms) -> tuple:
+    atoms.calc = calc
+    return atoms.get_potential_energy(), atoms.get_forces()
+
+
+@pytest.mark.slow
+def test_calculator_goes_to_a_worker_process() -> None:
+    """multiprocessing (spawn: a fresh interpreter) gets the calculator by pickle and gives the same answer."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    calc = MACECalculator(model_paths=str(fixture_model("mp0a_small")), device="cpu", num_threads=1)
+    atoms = structure("triclinic")
+    expected = _energy_in_child(calc, atoms.copy())
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        energy, forces = pool.submit(_energy_in_child, calc, atoms.copy()).result(timeout=300)
+    assert energy == expected[0] and np.array_equal(forces, expected[1])
