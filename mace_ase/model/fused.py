@@ -226,7 +226,7 @@ class _FusedConvolution(torch.autograd.Function):
             grads = _kernel_backward(ctx, grad_out, *saved)
         else:
             grads = _recompute_backward(ctx, grad_out, create_graph, *saved)
-        ctx.kept = None
+        ctx.kept = {}  # used once; a second backward pass through this node (Hessians) recomputes
         return (None, *grads, None, None)
 
 
