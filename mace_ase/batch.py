@@ -35,6 +35,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
 from mace_ase.neighbours import neighbour_list
+from mace_ase.options import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
     structures = list(structures)
     if not all(isinstance(a, Atoms) for a in structures):
         raise TypeError("structures must be a sequence of ase.Atoms")
-    torch_device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_device = torch.device(resolve_device(device))
     torch_dtype = resolve_dtype(dtype)
     net = _resolve_model(model, torch_device, torch_dtype)
     head_index = _select_head(list(net.heads), head)

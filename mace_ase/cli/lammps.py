@@ -8,10 +8,9 @@ and PYTHON packages, any number of MPI ranks; see ``scripts/build_lammps.sh``), 
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
-log = logging.getLogger(__name__)
+from mace_ase.options import DTYPE_NAMES
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +20,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="file to write (e.g. model.mliap.pkl, or model-lammps.pt)")
     p.add_argument("--format", choices=("mliap", "pair-mace"), default="mliap",
                    help="mliap: pair_style mliap unified (default); pair-mace: TorchScript for pair_style mace")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="default float64")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float64", help="default float64")
     p.add_argument("--device", default="cpu", help="torch device LAMMPS ranks use (mliap format; default cpu)")
     p.add_argument("--head", default=None, help="head of a multi-head model")
     p.add_argument("--elements", nargs="+", default=None,

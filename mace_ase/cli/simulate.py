@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from mace_ase.cli.errors import CommandError
-
-log = logging.getLogger(__name__)
+from mace_ase.options import DTYPE_NAMES
 
 
 def register(subparsers: Any) -> None:
@@ -71,7 +70,7 @@ def _add_common(parser: argparse.ArgumentParser, default_dtype: str) -> None:
                              "or 'emt' (ASE's EMT); default: mace_mp's default model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     parser.add_argument(
-        "--dtype", choices=("float32", "float64"), default=default_dtype, help=f"default {default_dtype}"
+        "--dtype", choices=DTYPE_NAMES, default=default_dtype, help=f"default {default_dtype}"
     )
     parser.add_argument("--d3", action="store_true", help="add DFT-D3(BJ) dispersion (extra 'd3')")
 

@@ -16,7 +16,6 @@ resets the atoms to that frame, writes it next to the trajectory and raises
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +25,6 @@ from ase.neighborlist import neighbor_list
 
 if TYPE_CHECKING:
     from mace_ase.dynamics.md import MDResult
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
