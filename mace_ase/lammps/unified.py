@@ -28,7 +28,6 @@ safe loader rebuilds the model on first use; no mace-torch class is pickled) and
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 from typing import Any, Optional
@@ -38,8 +37,6 @@ import torch
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
-
-log = logging.getLogger(__name__)
 
 __all__ = ["MACEUnified"]
 
