@@ -49,6 +49,40 @@ def _elements(numbers: Sequence[int]) -> str:
     return ", ".join(chemical_symbols[int(z)] for z in numbers)
 
 
+def _accept_mace_torch_keywords(model_paths: Any, kwargs: dict[str, Any]) -> Any:
+    """Take mace-torch's keywords out of ``kwargs``: ``model_path`` (deprecated spelling), backend switches (ignored,
+    one warning per process each), ``model_type`` and unit conversions (only the values mace-ase computes); anything
+    left that ASE's Calculator does not take is a typo. Returns ``model_paths``."""
+    if "model_path" in kwargs:  # mace-torch's older, singular spelling
+        warnings.warn("MACECalculator(model_path=...) is deprecated; use model_paths=...", DeprecationWarning,
+                      stacklevel=3)  # the caller of MACECalculator(...)
+        if model_paths is not None:
+            raise TypeError("give model_paths or model_path, not both")
+        model_paths = kwargs.pop("model_path")
+    if model_paths is None:
+        raise TypeError("MACECalculator needs model_paths: a .model file, a list of them or a loaded model")
+    for option in _IGNORED_MACE_OPTIONS:
+        if option in kwargs:
+            value = kwargs.pop(option)
+            if option not in _WARNED_OPTIONS:
+                _WARNED_OPTIONS.add(option)
+                log.warning("option %s=%r is a mace-torch backend switch; mace-ase ignores it (its results do "
+                            "not depend on it)", option, value)
+    model_type = kwargs.pop("model_type", "MACE")
+    if model_type != "MACE":
+        raise ValueError(f"model_type={model_type!r} is not supported: mace-ase computes energies "
+                         "(model_type='MACE')")
+    for option in _UNIT_OPTIONS:
+        if float(kwargs.pop(option, 1.0)) != 1.0:
+            raise ValueError(f"{option} other than 1.0 is not supported: MACE foundation models use eV and Å")
+    unknown = sorted(set(kwargs) - set(_ASE_OPTIONS))
+    if unknown:
+        raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, "
+                        "device, default_dtype, head, skin, compute_atomic_stresses, num_threads, "
+                        f"memory_limit_gb, min_distance and ASE's {list(_ASE_OPTIONS)}")
+    return model_paths
+
+
 class MACECalculator(Calculator):
     """MACE interatomic potential as an ASE calculator (mace-torch's call form).
 
@@ -102,33 +136,7 @@ class MACECalculator(Calculator):
                  device: str | None = None, default_dtype: str = "float64", head: str | None = None,
                  skin: float = 0.0, compute_atomic_stresses: bool = False, num_threads: int | None = None,
                  memory_limit_gb: float | None = None, min_distance: float = 0.1, **kwargs: Any) -> None:
-        if "model_path" in kwargs:  # mace-torch's older, singular spelling
-            warnings.warn("MACECalculator(model_path=...) is deprecated; use model_paths=...", DeprecationWarning,
-                          stacklevel=2)
-            if model_paths is not None:
-                raise TypeError("give model_paths or model_path, not both")
-            model_paths = kwargs.pop("model_path")
-        if model_paths is None:
-            raise TypeError("MACECalculator needs model_paths: a .model file, a list of them or a loaded model")
-        for option in _IGNORED_MACE_OPTIONS:
-            if option in kwargs:
-                value = kwargs.pop(option)
-                if option not in _WARNED_OPTIONS:
-                    _WARNED_OPTIONS.add(option)
-                    log.warning("option %s=%r is a mace-torch backend switch; mace-ase ignores it (its results do "
-                                "not depend on it)", option, value)
-        model_type = kwargs.pop("model_type", "MACE")
-        if model_type != "MACE":
-            raise ValueError(f"model_type={model_type!r} is not supported: mace-ase computes energies "
-                             "(model_type='MACE')")
-        for option in _UNIT_OPTIONS:
-            if float(kwargs.pop(option, 1.0)) != 1.0:
-                raise ValueError(f"{option} other than 1.0 is not supported: MACE foundation models use eV and Å")
-        unknown = sorted(set(kwargs) - set(_ASE_OPTIONS))
-        if unknown:
-            raise TypeError(f"MACECalculator got unexpected keyword argument(s) {unknown}; it takes model_paths, "
-                            "device, default_dtype, head, skin, compute_atomic_stresses, num_threads, "
-                            f"memory_limit_gb, min_distance and ASE's {list(_ASE_OPTIONS)}")
+        model_paths = _accept_mace_torch_keywords(model_paths, kwargs)
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive integer or None, not {num_threads!r}")
         if not float(min_distance) >= 0.0:
@@ -147,8 +155,6 @@ class MACECalculator(Calculator):
             raise ValueError("model_paths is empty: give a .model file or a loaded model")
         self.models = [self._load(source) for source in sources]
         self._sources = [os.fspath(source) if isinstance(source, (str, os.PathLike)) else None for source in sources]
-        self._options = dict(default_dtype=default_dtype, skin=skin, compute_atomic_stresses=compute_atomic_stresses,
-                             num_threads=num_threads, memory_limit_gb=memory_limit_gb, min_distance=min_distance)
         reference = self.models[0]
         for other in self.models[1:]:
             if other.r_max_value != reference.r_max_value or other.heads != reference.heads or not torch.equal(
@@ -431,8 +437,11 @@ class MACECalculator(Calculator):
             raise TypeError("this MACECalculator was made from an in-memory MACE module, which cannot be pickled: "
                             "make it from the .model file(s) (model_paths=...) to pickle it or send it to another "
                             "process (copy.deepcopy works either way)")
+        options = dict(default_dtype=str(self.dtype).replace("torch.", ""), skin=self.skin,
+                       compute_atomic_stresses=self.compute_atomic_stresses, num_threads=self.num_threads,
+                       memory_limit_gb=self.memory_limit_gb, min_distance=self.min_distance)
         return {"model_paths": self._sources, "model_sha256": self.model_sha256, "device": str(self.device),
-                "head": self.heads[self.head], "options": self._options}
+                "head": self.heads[self.head], "options": options}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         paths = state["model_paths"]

@@ -231,8 +231,9 @@ def test_pickle_round_trip_reloads_the_file(tmp_path) -> None:
     atoms = structure("bulk_rattled")
     atoms.calc = calc
     energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    calc.skin = 0.5  # settings changed after construction travel too
     clone = pickle.loads(pickle.dumps(calc))
-    assert clone.min_distance == 0.2 and clone.num_threads == 1
+    assert clone.min_distance == 0.2 and clone.num_threads == 1 and clone.skin == 0.5
     again = structure("bulk_rattled")
     again.calc = clone
     assert again.get_potential_energy() == energy and np.array_equal(again.get_forces(), forces)
