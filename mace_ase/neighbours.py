@@ -109,8 +109,20 @@ def _squared_lengths(positions: np.ndarray, cell: np.ndarray, edge_index: np.nda
 
 
 def _shift_vectors(unit_shifts: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    shifts = unit_shifts.astype(np.float64)
-    return shifts[:, 0:1] * cell[0] + shifts[:, 1:2] * cell[1] + shifts[:, 2:3] * cell[2]
+    """``unit_shifts @ cell``, element-wise (the value of a row never depends on the other rows), computed once per
+    possible shift (a few dozen) and gathered."""
+    if len(unit_shifts) == 0:
+        return np.zeros((0, 3))
+    reach = int(np.abs(unit_shifts).max())
+    base = 2 * reach + 1
+    if base**3 > len(unit_shifts):  # huge shifts (a cutoff many cells long): direct
+        table, index = unit_shifts.astype(np.float64), slice(None)
+    else:
+        grid = np.arange(-reach, reach + 1, dtype=np.float64)
+        table = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), axis=-1).reshape(-1, 3)
+        index = ((unit_shifts[:, 0] + reach) * base + unit_shifts[:, 1] + reach) * base + unit_shifts[:, 2] + reach
+    table = table[:, 0:1] * cell[0] + table[:, 1:2] * cell[1] + table[:, 2:3] * cell[2]
+    return table[index]
 
 
 def _exact_canonical(positions: np.ndarray, cell: np.ndarray, sender: np.ndarray, receiver: np.ndarray,
