@@ -287,7 +287,7 @@ class MACECalculator(Calculator):
         return validation.bytes_per_edge(int(model.embedding.shape[1]), torch.finfo(self.dtype).bits // 8, chunked)
 
     def _memory_budget(self) -> int:
-        return validation.memory_budget(self.memory_limit_gb, self.device.type)
+        return validation.memory_budget(self.memory_limit_gb, self.device)
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:

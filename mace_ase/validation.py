@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from mace_ase.options import default_device
+
+if TYPE_CHECKING:  # torch is imported only by the functions that need it
+    import torch
 
 # Peak memory of one energy-and-forces call per edge (forward and backward), per feature channel and byte of the
 # float type, plus a fixed part (neighbour search, index/shift arrays, padded layout). Measured by peak RSS on 4000-
@@ -141,13 +144,15 @@ def bytes_per_edge(channels: int, itemsize: int, chunked: bool = True) -> int:
     return _BYTES_PER_EDGE_PER_CHANNEL_ITEM[bool(chunked)] * channels * itemsize + _BYTES_PER_EDGE_FIXED
 
 
-def available_memory(device_type: str = "cpu") -> int:
-    """Memory available now, in bytes: free GPU memory for CUDA, else MemAvailable (Linux) or free pages."""
-    if device_type == "cuda":
-        import torch
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Memory available now, in bytes: on CUDA the device's free memory plus what torch's caching allocator holds
+    unused; else MemAvailable (Linux) or the free pages."""
+    import torch
 
-        free, _total = torch.cuda.mem_get_info()
-        return int(free)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -161,7 +166,7 @@ def available_memory(device_type: str = "cpu") -> int:
         return 1 << 62  # unknown: do not refuse
 
 
-def memory_budget(limit_gb: float | None, device_type: str) -> int:
+def memory_budget(limit_gb: float | None, device: str | torch.device) -> int:
     """The budget in bytes: ``limit_gb`` if given, else ``$MACE_ASE_MEMORY_LIMIT_GB``, else 80 % of what is free."""
     if limit_gb is None and os.environ.get(MEMORY_LIMIT_ENV):
         try:
@@ -172,7 +177,7 @@ def memory_budget(limit_gb: float | None, device_type: str) -> int:
         if not limit_gb > 0:
             raise ValueError(f"memory_limit_gb must be positive, not {limit_gb!r}")
         return int(limit_gb * 1e9)
-    return int(_DEFAULT_BUDGET_FRACTION * available_memory(device_type))
+    return int(_DEFAULT_BUDGET_FRACTION * available_memory(device))
 
 
 def check_edge_budget(n_edges: int, n_atoms: int, per_edge: int, budget: int, what: str = "estimated") -> None:
@@ -209,7 +214,7 @@ def check_close_pairs(squared_lengths: np.ndarray, edge_index: np.ndarray, min_d
     )
 
 
-def resolve_torch_device(device: str | None) -> "torch.device":  # noqa: F821 -- torch imported inside
+def resolve_torch_device(device: str | None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when this torch sees a GPU, else CPU; a CUDA request this torch cannot serve is
     refused with what to do (instead of torch's "Torch not compiled with CUDA enabled" from deep inside a call)."""
     import torch

@@ -151,7 +151,6 @@ def test_exploding_neighbour_count_is_refused_before_allocation(calc) -> None:
 
 def test_million_atoms_are_refused_before_allocation(calc, monkeypatch) -> None:
     """Estimated from density x sphere volume, before the neighbour list: returns at once, allocates nothing."""
-    import mace_ase.calculator as module
 
     def fail(*args, **kwargs):
         raise AssertionError("the neighbour list was built")
@@ -176,7 +175,7 @@ def test_default_budget_is_the_memory_available(monkeypatch) -> None:
     from mace_ase import validation
 
     monkeypatch.delenv("MACE_ASE_MEMORY_LIMIT_GB", raising=False)
-    monkeypatch.setattr(validation, "available_memory", lambda device_type="cpu": 24_000_000_000)
+    monkeypatch.setattr(validation, "available_memory", lambda device="cpu": 24_000_000_000)
     calc = MACECalculator(model_paths=str(fixture_model(MODEL)), device="cpu")
     n = 1_000_000
     side = (n / 0.08) ** (1 / 3)
