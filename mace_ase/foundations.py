@@ -196,8 +196,10 @@ def _build(function: str, families: Iterable[str], model, device, default_dtype,
     device = resolve_device(device)
     if kwargs.pop("return_raw_model", False):  # mace-torch's switch: the model module itself, no calculator
         from mace_ase.model.build import load_model
+        from mace_ase.validation import resolve_torch_device
 
-        model_module = load_model(path, device=device, dtype=resolve_dtype(default_dtype, "default_dtype"))
+        model_module = load_model(path, device=resolve_torch_device(device),  # a clear error for CUDA without CUDA
+                                  dtype=resolve_dtype(default_dtype, "default_dtype"))
         if entry is not None:
             licence_notice(entry)
         return model_module
