@@ -78,7 +78,8 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
         cutoff: radius in Å; pairs at exactly the cutoff are excluded.
 
     Returns:
-        ``edge_index`` ``(2, n_edges)`` int64 (sender, receiver) and ``unit_shifts`` ``(n_edges, 3)`` int64.
+        ``edge_index`` ``(2, n_edges)`` int64 (sender, receiver) and ``unit_shifts`` ``(n_edges, 3)`` int64, sorted
+        by (sender, receiver, shift): one order whatever the search algorithm (see :class:`VerletNeighbourList`).
     """
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
