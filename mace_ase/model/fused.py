@@ -169,8 +169,25 @@ def _chunks(n_receivers: int, neighbours: int) -> List[Tuple[int, int]]:
     return [(bounds[k], bounds[k + 1]) for k in range(n_chunks) if bounds[k + 1] > bounds[k]]
 
 
+def _radial_mlp(interaction: Any, x: Tensor) -> Tensor:
+    """The interaction's radial MLP with the activation's normalising constant folded into the next layer's
+    weights (``(s silu(z)) @ W = silu(z) @ (s W)``: one elementwise pass fewer per hidden layer)."""
+    mlp = interaction.radial_mlp
+    key = (mlp.weights[0].dtype, mlp.weights[0].device)
+    cached = getattr(interaction, "fused_mlp", None)
+    if cached is None or cached[0] != key:
+        folded = [w if index == 0 else w * mlp.activation_scale for index, w in enumerate(mlp.weights)]
+        cached = interaction.fused_mlp = (key, folded)
+    weights = cached[1]
+    for index, weight in enumerate(weights):
+        x = x @ weight
+        if index < len(weights) - 1:
+            x = torch.nn.functional.silu(x)
+    return x
+
+
 def _radial_weights(interaction: Any, edge_feats: Tensor, envelope: Tensor, channels: int) -> Tensor:
-    weights = interaction.radial_mlp(edge_feats)
+    weights = _radial_mlp(interaction, edge_feats)
     weights = weights.view(weights.shape[0], weights.shape[1] // channels, channels)
     if not interaction.apply_cutoff:
         weights = weights * envelope.unsqueeze(-1)
