@@ -94,7 +94,8 @@ def main() -> None:
     diff_f = max(float(np.abs(f - results.forces[s]).max()) for s, (_, f, _) in enumerate(reference))
     atoms_total = sum(len(a) for a in items)
     print(json.dumps({
-        "benchmark": "batch_vs_ase", "set": args.set, "model": Path(args.model).name, "dtype": args.dtype, "structures": len(items),
+        "benchmark": "batch_vs_ase", "set": args.set, "model": Path(args.model).name, "dtype": args.dtype,
+        "structures": len(items),
         "atoms": atoms_total, "sizes": [min(len(a) for a in items), max(len(a) for a in items)],
         "ase_s": round(min(ase_times), 3), "batched_s": round(min(batch_times), 3),
         "speedup": round(min(ase_times) / min(batch_times), 2), "batches": results.n_batches,
