@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -100,7 +101,9 @@ def main() -> None:
                 "steps": int(steps), "loop_s": float(loop_s), "steps_per_s": int(steps) / float(loop_s),
                 "ms_per_atom_step": 1e3 * float(loop_s) / int(steps) / len(atoms) * ranks,
                 "avg_ghosts_per_rank": float(ghosts[-1]) if ghosts else None, "wall_s": round(wall, 1),
-                "ase_force_call_s": ase_s, "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
+                "ase_force_call_s": ase_s,
+                "max_rss_of_a_rank_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
             }), flush=True)
 
 

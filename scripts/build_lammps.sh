@@ -10,9 +10,11 @@
 # directory), so the system's apt sources are never touched.
 #
 # Packages: ML-IAP, ML-SNAP, PYTHON, MLIAP_ENABLE_PYTHON, MPI (Debian's OpenMPI), shared library.
-# One source fix is applied (upstream defect in this release): MLIAPData::grow_neigharrays() regrows
-# lmp_firstneigh with `natomneigh` rows instead of `natomneigh_max`, so with 2+ MPI ranks MD segfaults in
-# MLIAPData::generate_neighdata. We change that one word.
+# Source fixes (upstream defects in this release, both in MLIAPData::grow_neigharrays()):
+# 1. it regrows lmp_firstneigh with `natomneigh` rows instead of `natomneigh_max`, so with 2+ MPI ranks MD segfaults
+#    in MLIAPData::generate_neighdata: we change that one word;
+# 2. lmp_firstneigh has as many columns as there are pairs in total (memory quadratic in the atoms of a rank:
+#    ~40 GB for 2,000 atoms with their ghosts): it is sized by the largest per-atom neighbour count instead.
 #
 # Cached and idempotent: the build lives in ~/.cache/mace-ase/lammps-20260704-<key>/ where <key> hashes this
 # script and the Python it is built for; a second run on the same machine only (re)installs the cached wheel.
@@ -110,6 +112,44 @@ if ! compgen -G "$wheel_glob" >/dev/null; then
     fi
     grep -qF "$new" "$f" || die "the grow_neigharrays() fix could not be applied to $f: the upstream source changed, review it"
     ! grep -qF "$old" "$f" || die "the grow_neigharrays() fix was not applied to $f"
+
+    # Second defect, same array: lmp_firstneigh (a per-atom copy of the neighbour list, read only by the ACE
+    # descriptor) is allocated rows x *total pairs* columns, i.e. memory quadratic in the atoms of a rank (40 GB
+    # for 2,000 atoms with their ghosts). Its rows only need the largest per-atom neighbour count.
+    log "patching src/ML-IAP/mliap_data.{h,cpp}: lmp_firstneigh sized by the largest per-atom neighbour count, not the total pair count (memory was quadratic in the atoms per rank)"
+    "$py" - "$src/src/ML-IAP" <<'PYEOF'
+import pathlib, sys
+folder = pathlib.Path(sys.argv[1])
+def patch(name, edits):
+    path = folder / name
+    text = path.read_text()
+    for old, new in edits:
+        if text.count(old) != 1:
+            sys.exit(f"[build_lammps] ERROR: {name}: expected exactly one {old!r}; the upstream source changed")
+        text = text.replace(old, new)
+    path.write_text(text)
+patch("mliap_data.h", [(
+    "  int **lmp_firstneigh;          // copy of list->firstneigh for external evaluators\n",
+    "  int **lmp_firstneigh;          // copy of list->firstneigh for external evaluators\n"
+    "  int lmp_firstneigh_rows = 0, lmp_firstneigh_cols = 0;    // its allocated size\n")])
+patch("mliap_data.cpp", [
+    ('    memory->grow(lmp_firstneigh, natomneigh, nneigh_max, "MLIAPData:lmp_firstneigh");\n', ""),
+    ('    memory->grow(lmp_firstneigh, natomneigh_max, nneigh, "MLIAPData:lmp_firstneigh");\n', ""),
+    ("  int nneigh = 0;\n", "  int nneigh = 0;\n  int nneigh_atom = 0;    // largest neighbour count of one atom\n"),
+    ("    nneigh += ninside;\n", "    nneigh += ninside;\n    if (ninside > nneigh_atom) nneigh_atom = ninside;\n"),
+    ("    nneigh_max = nneigh;\n  }\n}\n",
+     "    nneigh_max = nneigh;\n  }\n\n"
+     "  if (natomneigh_max > lmp_firstneigh_rows || nneigh_atom > lmp_firstneigh_cols) {\n"
+     "    if (natomneigh_max > lmp_firstneigh_rows) lmp_firstneigh_rows = natomneigh_max;\n"
+     "    if (nneigh_atom > lmp_firstneigh_cols) lmp_firstneigh_cols = nneigh_atom;\n"
+     "    if (lmp_firstneigh_cols < 1) lmp_firstneigh_cols = 1;\n"
+     "    memory->destroy(lmp_firstneigh);\n"
+     "    memory->create(lmp_firstneigh, lmp_firstneigh_rows, lmp_firstneigh_cols, \"MLIAPData:lmp_firstneigh\");\n"
+     "  }\n}\n"),
+    ("  bytes += (double) nneigh_max * natomneigh_max * sizeof(int);    // lmp_firstneigh",
+     "  bytes += (double) lmp_firstneigh_rows * lmp_firstneigh_cols * sizeof(int);    // lmp_firstneigh"),
+])
+PYEOF
 
     # ------------------------------------------------------------ 4. build tools: cython + numpy for cythonize
     tools="$build_root/tools"
