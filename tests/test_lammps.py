@@ -322,3 +322,16 @@ def test_pair_mace_domain_decomposition(scripted) -> None:
     np.testing.assert_allclose(folded, atoms.get_forces(), rtol=0, atol=1e-10)
     virial = -atoms.get_stress(voigt=False) * atoms.get_volume()
     np.testing.assert_allclose(out["virials"][0].numpy(), virial, rtol=0, atol=1e-9)
+
+
+def test_cli_export_lammps(tmp_path, capsys) -> None:
+    from mace_ase.cli import main
+
+    out = tmp_path / "cli.mliap.pkl"
+    assert main(["export-lammps", str(EMT_DEMO), "-o", str(out), "--elements", "Cu", "Au"]) == 0
+    printed = capsys.readouterr().out
+    assert f"pair_style   mliap unified {out} 1" in printed and "pair_coeff   * * Cu Au" in printed
+    assert load_lammps_model(out).element_types[2] == "Cu"
+    script = tmp_path / "cli-lammps.pt"
+    assert main(["export-lammps", str(EMT_DEMO), "-o", str(script), "--format", "pair-mace"]) == 0
+    assert torch.jit.load(str(script)).r_max.item() == 5.5
