@@ -4,8 +4,9 @@ The reference (:meth:`mace_ase.model.mace.Interaction.convolution`, what TorchSc
 edges at once, the radial weights ``W = MLP(R(r))`` ``[E, paths, C]``, the gathered sender features ``[E, D_in, C]``
 and their products, and autograd keeps them all for the backward pass: about 45 kB per edge in float32. Here:
 
-* receivers are processed in chunks of at most :data:`CHUNK_EDGES` edge rows (a fixed memory budget, so the cost
-  per atom and the memory per edge do not grow with the system);
+* receivers are processed in chunks of at most :data:`CHUNK_EDGES` edge rows (:data:`CHUNK_EDGES_GPU` on a GPU,
+  which wants large launches): a fixed memory budget, so the cost per atom and the memory per edge do not grow with
+  the system;
 * per chunk, ``W`` comes from the radial MLP (a GEMM) and the compiled CPU kernel
   (``kernels/convolution.cpp``) sums ``G(Y) * W * x[sender]`` over each receiver's neighbours without forming any
   other per-edge, per-path, per-channel tensor;
@@ -45,6 +46,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 CHUNK_EDGES = 4096  # edge rows per chunk: ~30 MB of float32 work arrays for MP-0-medium, L2-friendly
+CHUNK_EDGES_GPU = 2**17  # GPUs want large launches: ~1.3 GB of float32 work arrays per chunk for MP-0-medium
 KEEP_BYTES = 128 * 2**20  # radial-MLP graphs kept from the forward pass (last chunks first); the rest is recomputed
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [_KERNELS / "convolution.cpp", _KERNELS / "symmetric_contraction.cpp", _KERNELS / "module.cpp"]
@@ -161,9 +163,10 @@ def coupling_tables(interaction: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor, i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunks(n_receivers: int, neighbours: int) -> List[Tuple[int, int]]:
-    """Receiver ranges of (nearly) equal size with at most CHUNK_EDGES edge rows each."""
-    per_chunk = max(1, CHUNK_EDGES // max(neighbours, 1))
+def _chunks(n_receivers: int, neighbours: int, device: torch.device) -> List[Tuple[int, int]]:
+    """Receiver ranges of (nearly) equal size with at most CHUNK_EDGES (CHUNK_EDGES_GPU) edge rows each."""
+    budget = CHUNK_EDGES if device.type == "cpu" else CHUNK_EDGES_GPU
+    per_chunk = max(1, budget // max(neighbours, 1))
     n_chunks = max(1, -(-n_receivers // per_chunk))
     bounds = [n_receivers * k // n_chunks for k in range(n_chunks + 1)]
     return [(bounds[k], bounds[k + 1]) for k in range(n_chunks) if bounds[k + 1] > bounds[k]]
@@ -207,7 +210,7 @@ class _FusedConvolution(torch.autograd.Function):
         use_kernel = _use_kernel(interaction, h_up)
         tables = interaction.fused_tables
         out = h_up.new_empty(n_receivers, tables[4], channels)
-        chunks = _chunks(n_receivers, neighbours)
+        chunks = _chunks(n_receivers, neighbours, h_up.device)
         ctx.kept = {}
         # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights) are kept for the backward pass,
         # which starts there; the other chunks are recomputed.
@@ -258,7 +261,7 @@ def _kernel_backward(ctx, grad_out, h_up, sh, edge_feats, envelope, sender, acti
     grad_sh = torch.empty_like(sh) if need_sh else None
     grad_feats = torch.empty_like(edge_feats) if need_feats else None
     grad_env = torch.empty_like(envelope) if need_env else None
-    chunks = _chunks(n_receivers, neighbours)
+    chunks = _chunks(n_receivers, neighbours, h_up.device)
     largest = max((stop - start) * neighbours for start, stop in chunks)
     n_paths = interaction.radial_mlp.weights[-1].shape[1] // channels
     # work buffers reused by every chunk (the kernel initialises the rows it writes)
@@ -301,7 +304,7 @@ def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, edge_feats, envel
     need = ctx.needs_input_grad[1:5]
     grad_h = torch.zeros_like(h_up) if need[0] else None
     pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dedge_feats, d/denvelope
-    for start, stop in _chunks(n_receivers, neighbours):
+    for start, stop in _chunks(n_receivers, neighbours, h_up.device):
         rows = slice(start * neighbours, stop * neighbours)
         with torch.enable_grad():
             inputs = [h_up.index_select(0, sender[rows]), sh[rows], edge_feats[rows], envelope[rows]]
