@@ -108,7 +108,8 @@ def load_kernel() -> Tuple[Optional[Any], str]:
 
         folder = kernel_directory()
         name = "mace_ase_kernels_" + folder.name.split("-")[-1]
-        logger.info("mace-ase: compiling the CPU kernels into %s (first use only, about a minute)", folder)
+        logger.info("mace-ase: loading the CPU kernels from %s (compiled there at first use, about a minute)",
+                    folder)
         module = cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES],
                                     build_directory=str(folder), extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                                     verbose=False)
@@ -382,6 +383,8 @@ def _monomial_tables(contraction: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def fused_symmetric_contractions(product: Any, a: Tensor, species_counts: List[int]) -> Tensor:
     """The product basis of all output irreps, ``[N, D_out, C]``, from the interaction output ``a`` ``[N, 16, C]``."""
+    if a.device.type != "cpu" or load_kernel()[0] is None:  # e.g. the model was moved to a GPU after loading
+        return torch.cat([_reference_basis(c, a, species_counts) for c in product.contractions], dim=1)
     a = a.contiguous()
     pieces = []
     for contraction in product.contractions:
