@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -135,7 +134,6 @@ def variants(data: bytes, marker: str) -> list[tuple[str, bytes]]:
     rng = np.random.default_rng(20261202)
     members = _members(data)
     pickle_info, pickle_bytes = next((info, blob) for info, blob in members if info.filename.endswith("/data.pkl"))
-    prefix = pickle_info.filename[: -len("data.pkl")]
     end_of_pickle = 64 + len(pickle_bytes)
     out: list[tuple[str, bytes]] = []
 
