@@ -1,6 +1,7 @@
 """Loader fuzzing: hundreds of damaged or hostile variants of a fixture model file.
 
-Every variant must either load to exactly the intact model (same tensors, same r_max, heads and elements) or raise
+Every variant must either load to exactly the intact model (same tensors, same r_max, heads and elements; and the
+same ``hyperparameters``, what ``mace-ase models info`` prints) or raise
 :class:`~mace_ase.io.model_file.ModelFileError` (a ``ValueError``) with a message. Nothing may crash the
 interpreter (the loop runs in a subprocess whose exit code is checked), hang (an alarm bounds each file), run code
 from the file (payloads would create a marker file) or escape as a raw ``KeyError``/``IndexError``/``struct.error``/
@@ -233,12 +234,13 @@ def worker(out_path: str) -> None:
     """Load every variant; one JSON line per variant: {case, outcome, detail, seconds}."""
     import torch
 
-    from mace_ase.io.model_file import ModelFileError
-    from mace_ase.model.build import load_model
+    from mace_ase.io.model_file import ModelFileError, read_model_file
+    from mace_ase.model.build import hyperparameters, load_model
 
     signal.signal(signal.SIGALRM, _alarm)
     data = FIXTURE.read_bytes()
     intact = load_model(FIXTURE, device="cpu")
+    summary = hyperparameters(read_model_file(FIXTURE))
     reference = {k: v.clone() for k, v in intact.state_dict().items()}
     with tempfile.TemporaryDirectory() as folder, open(out_path, "w") as log:
         marker = os.path.join(folder, "payload-ran")
@@ -262,6 +264,20 @@ def worker(out_path: str) -> None:
                 outcome, detail = (CLEAN, message) if message.strip() else ("EMPTY-MESSAGE", repr(exc))
             except BaseException as exc:  # noqa: BLE001 - anything else is what the test reports
                 outcome, detail = "RAW", f"{type(exc).__module__}.{type(exc).__name__}: {exc}"[:400]
+            finally:
+                signal.alarm(0)
+            signal.alarm(SECONDS_PER_FILE)
+            try:  # the other reader of files: `mace-ase models info` (hyperparameters)
+                if outcome == SAME and hyperparameters(read_model_file(path)) != summary:
+                    outcome, detail = "DIFFERENT", "hyperparameters differ from the intact file's"
+                elif outcome != SAME:
+                    hyperparameters(read_model_file(path))
+            except _Timeout:
+                outcome, detail = "HANG", f"hyperparameters: more than {SECONDS_PER_FILE} s"
+            except ModelFileError:
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                outcome, detail = "RAW", f"hyperparameters: {type(exc).__module__}.{type(exc).__name__}: {exc}"[:400]
             finally:
                 signal.alarm(0)
             if os.path.exists(marker):

@@ -571,7 +571,13 @@ def hyperparameters(model_file: ModelFile) -> dict[str, Any]:
     distance transform. It is :meth:`Architecture.summary` of :func:`read_architecture`, the facts
     :func:`build_model` builds from; unsupported architectures are described, not refused.
     """
-    return read_architecture(model_file).summary()
+    try:
+        return read_architecture(model_file).summary()
+    except ModelFileError:
+        raise
+    except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError, RecursionError) as exc:
+        raise ModelFileError(f"{model_file.path!r}: the file is corrupted or not a mace model: "
+                             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def build_model(model_file: ModelFile) -> MACE:
