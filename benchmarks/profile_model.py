@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--atoms", type=int, default=216)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--no-profile", action="store_true")
@@ -36,7 +37,8 @@ def main() -> None:
 
     from mace_ase.calculator import MACECalculator
 
-    calc = MACECalculator(model_paths=args.model, device="cpu", default_dtype=args.dtype)
+    calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     atoms = make_silicon(args.atoms)
     graph = calc._graph(atoms)
     model = calc.models[0]
@@ -49,8 +51,10 @@ def main() -> None:
             for name, enabled in (("reference", False), ("fast", True)):
                 fused._set(model, enabled, enabled and kernel)
                 model(**graph, head=0, compute_stress=True)
+                sync()
                 t0 = time.perf_counter()
                 model(**graph, head=0, compute_stress=True)
+                sync()
                 best[name].append(time.perf_counter() - t0)
         print(f"A/B {args.atoms} atoms {args.dtype} {args.threads} thread(s), load {os.getloadavg()[0]:.2f}: "
               f"reference best {min(best['reference']):.4f} s, fast best {min(best['fast']):.4f} s, "
