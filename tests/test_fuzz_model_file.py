@@ -122,6 +122,7 @@ def _hostile_pickles(marker: str) -> dict[str, bytes]:
     out["huge string length"] = b"\x80\x02X\xff\xff\xff\xff" + b"a" * 100 + b"."
     out["huge bytes length (protocol 4)"] = b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"a" * 64 + b"."
     out["memo reference never stored"] = b"\x80\x02h\x07."
+    out["memo slot 2**31 (the C unpickler would allocate 17 GB)"] = b"\x80\x02]r\xff\xff\xff\x7f."
     out["empty pickle"] = b""
     out["pickle with only a stop"] = b"."
     out["a big integer"] = b"\x80\x02\x8b" + (10**6).to_bytes(4, "little") + b"\x01" * 10**6 + b"."
@@ -238,6 +239,12 @@ def worker(out_path: str) -> None:
     from mace_ase.model.build import hyperparameters, load_model
 
     signal.signal(signal.SIGALRM, _alarm)
+    import resource
+
+    # a regression that allocates wildly becomes a MemoryError here instead of a visit from the OOM killer
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    soft = 16 << 30 if hard == resource.RLIM_INFINITY else min(16 << 30, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     data = FIXTURE.read_bytes()
     intact = load_model(FIXTURE, device="cpu")
     summary = hyperparameters(read_model_file(FIXTURE))
@@ -309,6 +316,8 @@ def test_every_damaged_or_hostile_variant_loads_the_same_or_fails_clearly(tmp_pa
     assert max(row["seconds"] for row in rows) < SECONDS_PER_FILE
     hostile = [row for row in rows if row["case"].startswith("hostile")]
     assert hostile and all(row["outcome"] == CLEAN for row in hostile)
+    memo = next(row for row in rows if "memo slot 2**31" in row["case"])
+    assert "memo slot 2147483647" in memo["detail"]  # refused by the pre-scan, not by running out of memory
 
 
 if __name__ == "__main__":

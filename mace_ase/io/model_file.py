@@ -402,7 +402,34 @@ def _unpickle(archive: zipfile.ZipFile, pickle_name: str) -> Any:
             storages[key] = cached
         return cached
 
-    return _RestrictedUnpickler(io.BytesIO(_read_member(archive, pickle_name)), load_storage).load()
+    data = _read_member(archive, pickle_name)
+    _prescan(data)
+    return _RestrictedUnpickler(io.BytesIO(data), load_storage).load()
+
+
+_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _prescan(data: bytes) -> None:
+    """Walk the pickle's opcodes (no objects are made) before unpickling.
+
+    The C unpickler sizes its memo table from the largest memo index it meets, so a damaged pickle naming index
+    1.3e9 would allocate ~10 GB (and a Linux machine's OOM killer would end the process); an index beyond the
+    pickle's length cannot occur in a real file. ``pickletools.genops`` also refuses lengths that run past the data.
+    """
+    import pickletools
+
+    limit = len(data)
+    try:
+        for opcode, argument, position in pickletools.genops(data):
+            if opcode.name in _MEMO_OPCODES and isinstance(argument, int) and not 0 <= argument <= limit:
+                raise ModelFileError(f"the pickle names memo slot {argument} at byte {position}, beyond anything "
+                                     f"a {limit}-byte pickle can hold")
+    except ModelFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged opcode stream, in any way genops finds
+        raise ModelFileError(f"the file is corrupted or not a mace model: {type(exc).__name__}: "
+                             f"{str(exc)[:300]}") from None
 
 
 def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
