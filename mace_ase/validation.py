@@ -224,7 +224,7 @@ def resolve_torch_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+        raise ValueError(f"device={device!r} is not a device name: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
     if resolved.type != "cuda":
         return resolved
     if torch.version.cuda is None:

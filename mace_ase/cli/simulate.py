@@ -122,31 +122,20 @@ def _load_mace(model: str | None, device: str | None, dtype: str):
 
 
 def check_device(device: str | None) -> str | None:
-    """``device`` if this machine has it (None: the best available), else a CommandError saying what to do."""
+    """``device`` if this machine has it (None: the best available), else a CommandError saying what to do.
+
+    The checks are the calculator's own (:func:`mace_ase.validation.resolve_torch_device`), worded for the CLI.
+    """
     if device is None:
         return None
-    import torch
+    from mace_ase.validation import resolve_torch_device
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cuda":
-        if torch.version.cuda is None:
-            raise CommandError(
-                f"--device {device}: this torch ({torch.__version__}) was built without CUDA. Install a CUDA build "
-                "of torch (https://pytorch.org/get-started/locally/) or use --device cpu."
-            )
-        if not torch.cuda.is_available():
-            raise CommandError(f"--device {device}: torch sees no CUDA device (check the driver and "
-                               "CUDA_VISIBLE_DEVICES), or use --device cpu.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                               f"numbered from 0.")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise CommandError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu.")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise CommandError(f"--device {device}: mace-ase runs on cpu, cuda or mps.")
+        resolve_torch_device(device)
+    except (RuntimeError, ValueError) as error:
+        message = str(error).replace(f"device={device!r}", f"--device {device}").replace("device='cpu'",
+                                                                                       "--device cpu")
+        raise CommandError(message) from None
     return device
 
 
