@@ -126,7 +126,8 @@ def test_models_mace_ase_cannot_run_are_marked_and_say_what_to_use():
     unsupported = {name: entry for name, entry in registry.catalogue().items() if not entry.supported}
     assert set(unsupported) == {"mh-0", "mh-1", "omol-0-extra-large"}
     for name in ("mh-0", "mh-1"):
-        assert "non-linear interaction" in unsupported[name].unsupported and "medium-omat-0" in unsupported[name].instead
+        assert "non-linear interaction" in unsupported[name].unsupported
+        assert "medium-omat-0" in unsupported[name].instead
     omol = unsupported["omol-0-extra-large"]
     assert "charge/spin" in omol.unsupported and "mace_off" in omol.instead and "mace_omol" in omol.instead
 

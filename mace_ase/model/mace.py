@@ -405,7 +405,8 @@ class SymmetricContraction(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, a_t: Tensor, species_counts: List[int]) -> Tensor:
-        """``a_t``: the interaction output as ``[C, D, N]`` (D = (l_max + 1)^2: 16 for l_max = 3); returns ``[C, M, N]``.
+        """``a_t``: the interaction output as ``[C, D, N]`` (D = (l_max + 1)^2, 16 for l_max = 3); returns
+        ``[C, M, N]``.
 
         Monomials are gathered along the middle axis, which copies whole contiguous rows of N values.
         """
