@@ -45,8 +45,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-CHUNK_EDGES = 4096  # edge rows per chunk: ~30 MB of float32 work arrays for MP-0-medium, L2-friendly
+CHUNK_EDGES = 512  # edge rows per chunk: ~3.7 MB of float32 work arrays for MP-0-medium, cache-resident
 CHUNK_EDGES_GPU = 2**17  # GPUs want large launches: ~1.3 GB of float32 work arrays per chunk for MP-0-medium
+CHUNK_EDGES_SPLINE = 8192  # spline-mode backward (no radial weights per chunk): ~17 MB of float32 buffers
 KEEP_BYTES = 128 * 2**20  # radial-MLP graphs kept from the forward pass (last chunks first); the rest is recomputed
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [_KERNELS / "convolution.cpp", _KERNELS / "symmetric_contraction.cpp", _KERNELS / "module.cpp"]
@@ -164,9 +165,10 @@ def coupling_tables(interaction: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor, i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunks(n_receivers: int, neighbours: int, device: torch.device) -> List[Tuple[int, int]]:
+def _chunks(n_receivers: int, neighbours: int, device: torch.device, budget: Optional[int] = None
+            ) -> List[Tuple[int, int]]:
     """Receiver ranges of (nearly) equal size with at most CHUNK_EDGES (CHUNK_EDGES_GPU) edge rows each."""
-    budget = CHUNK_EDGES if device.type == "cpu" else CHUNK_EDGES_GPU
+    budget = budget or (CHUNK_EDGES if device.type == "cpu" else CHUNK_EDGES_GPU)
     per_chunk = max(1, budget // max(neighbours, 1))
     n_chunks = max(1, -(-n_receivers // per_chunk))
     bounds = [n_receivers * k // n_chunks for k in range(n_chunks + 1)]
@@ -190,11 +192,17 @@ def _radial_mlp(interaction: Any, x: Tensor) -> Tensor:
     return x
 
 
-def _radial_weights(interaction: Any, edge_feats: Tensor, envelope: Tensor, channels: int) -> Tensor:
-    weights = _radial_mlp(interaction, edge_feats)
+def _radial_weights(interaction: Any, radial_x: Tensor, radial_y: Tensor, active: Tensor, channels: int) -> Tensor:
+    """``[E, paths, C]`` radial weights from the radial inputs: (edge features, envelope) of the exact MLP, or
+    (u, interval) of the spline mode (its inactive rows masked: the table is not zero there)."""
+    spline = getattr(interaction, "spline", None)
+    if spline is not None:
+        weights = spline[0].weights(spline[1], radial_x, radial_y)
+        return (weights * active.unsqueeze(-1).to(weights.dtype)).view(weights.shape[0], -1, channels)
+    weights = _radial_mlp(interaction, radial_x)
     weights = weights.view(weights.shape[0], weights.shape[1] // channels, channels)
     if not interaction.apply_cutoff:
-        weights = weights * envelope.unsqueeze(-1)
+        weights = weights * radial_y.unsqueeze(-1)
     return weights
 
 
@@ -203,16 +211,28 @@ def _use_kernel(interaction: Any, h_up: Tensor) -> bool:
 
 
 class _FusedConvolution(torch.autograd.Function):
+    """Inputs ``radial_x, radial_y``: (edge features, envelope) for the exact radial MLP, or (u ``[E, 1]``,
+    interval ``[E]``) in the spline mode, whose compiled path never forms the weights at all."""
+
     @staticmethod
-    def forward(ctx, interaction, h_up, sh, edge_feats, envelope, sender, active):  # noqa: D102
+    def forward(ctx, interaction, h_up, sh, radial_x, radial_y, sender, active):  # noqa: D102
         n_receivers = h_up.shape[0]
         neighbours = sender.shape[0] // max(n_receivers, 1)
         channels = h_up.shape[2]
         use_kernel = _use_kernel(interaction, h_up)
         tables = interaction.fused_tables
+        ctx.interaction = interaction
+        ctx.use_kernel = use_kernel
+        ctx.kept = {}
+        ctx.save_for_backward(h_up, sh, radial_x, radial_y, sender, active)
+        spline = getattr(interaction, "spline", None)
+        if use_kernel and spline is not None:  # one call: nothing per edge is stored
+            table = spline[0].tables[spline[1]]
+            return load_kernel()[0].spline_convolution_forward(
+                table, radial_y, radial_x.view(-1), sh, h_up, sender, active, n_receivers, tables[4],
+                table.shape[2] // channels, *tables[:4])
         out = h_up.new_empty(n_receivers, tables[4], channels)
         chunks = _chunks(n_receivers, neighbours, h_up.device)
-        ctx.kept = {}
         # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights) are kept for the backward pass,
         # which starts there; the other chunks are recomputed.
         row_bytes = interaction.radial_mlp.weights[-1].shape[1] * h_up.element_size() * 2  # weights + hidden
@@ -223,20 +243,18 @@ class _FusedConvolution(torch.autograd.Function):
             if use_kernel:
                 keep = index >= len(chunks) - n_keep
                 with torch.set_grad_enabled(keep):
-                    feats = edge_feats[rows].detach().requires_grad_(keep and ctx.needs_input_grad[3])
-                    env = envelope[rows].detach().requires_grad_(keep and ctx.needs_input_grad[4])
-                    weights = _radial_weights(interaction, feats, env, channels)
+                    feats = radial_x[rows].detach().requires_grad_(keep and ctx.needs_input_grad[3])
+                    env = radial_y[rows].detach().requires_grad_(keep and ctx.needs_input_grad[4])
+                    weights = _radial_weights(interaction, feats, env, active[rows], channels)
                 if keep:
                     ctx.kept[index] = (feats, env, weights)
                 out[start:stop] = load_kernel()[0].convolution_forward(
                     weights.detach(), sh[rows], h_up, sender[rows], active[rows], stop - start, tables[4],
                     *tables[:4])
             else:
-                out[start:stop] = interaction.convolution(h_up.index_select(0, sender[rows]), sh[rows],
-                                                          edge_feats[rows], envelope[rows], stop - start)
-        ctx.interaction = interaction
-        ctx.use_kernel = use_kernel
-        ctx.save_for_backward(h_up, sh, edge_feats, envelope, sender, active)
+                weights = _radial_weights(interaction, radial_x[rows], radial_y[rows], active[rows], channels)
+                out[start:stop] = interaction.convolve(h_up.index_select(0, sender[rows]), sh[rows], weights,
+                                                       stop - start)
         return out
 
     @staticmethod
@@ -251,34 +269,48 @@ class _FusedConvolution(torch.autograd.Function):
         return (None, *grads, None, None)
 
 
-def _kernel_backward(ctx, grad_out, h_up, sh, edge_feats, envelope, sender, active):
-    """Per chunk (last first): radial MLP (kept or recomputed), the kernel's dL/dW, dL/dY, dL/dx, MLP backward."""
+def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active):
+    """Per chunk (last first): radial MLP (kept or recomputed), the kernel's dL/dW, dL/dY, dL/dx, MLP backward;
+    in the spline mode the kernel gives dL/du directly."""
     interaction = ctx.interaction
     kernel = load_kernel()[0]
     n_receivers, _, channels = h_up.shape
     neighbours = sender.shape[0] // max(n_receivers, 1)
     need_h, need_sh, need_feats, need_env = ctx.needs_input_grad[1:5]
+    spline = getattr(interaction, "spline", None)
     grad_h = torch.zeros_like(h_up) if need_h else None
     grad_sh = torch.empty_like(sh) if need_sh else None
-    grad_feats = torch.empty_like(edge_feats) if need_feats else None
-    grad_env = torch.empty_like(envelope) if need_env else None
-    chunks = _chunks(n_receivers, neighbours, h_up.device)
+    grad_feats = torch.empty_like(radial_x) if need_feats else None
+    grad_env = torch.empty_like(radial_y) if need_env else None
+    chunks = _chunks(n_receivers, neighbours, h_up.device, CHUNK_EDGES_SPLINE if spline is not None else None)
     largest = max((stop - start) * neighbours for start, stop in chunks)
     n_paths = interaction.radial_mlp.weights[-1].shape[1] // channels
     # work buffers reused by every chunk (the kernel initialises the rows it writes)
-    buffer_w = h_up.new_empty(largest, n_paths, channels)
+    buffer_w = h_up.new_empty(largest if spline is None else 0, n_paths, channels)
     buffer_y = h_up.new_empty(largest, sh.shape[1])
     buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
     for index in reversed(range(len(chunks))):
         start, stop = chunks[index]
         rows = slice(start * neighbours, stop * neighbours)
+        if spline is not None:
+            grad_u, grad_y, grad_x = kernel.spline_convolution_backward(
+                grad_out[start:stop].contiguous(), spline[0].tables[spline[1]], radial_y[rows],
+                radial_x[rows].view(-1), sh[rows], h_up, sender[rows], active[rows], n_paths,
+                *interaction.fused_tables[:4], buffer_y, buffer_x)
+            if need_h:
+                grad_h.index_add_(0, sender[rows], grad_x)
+            if need_sh:
+                grad_sh[rows] = grad_y
+            if need_feats:
+                grad_feats[rows] = grad_u.unsqueeze(-1)
+            continue
         if index in ctx.kept:
             feats, env, weights = ctx.kept.pop(index)  # freed as soon as it is used
         else:
             with torch.enable_grad():
-                feats = edge_feats[rows].detach().requires_grad_(need_feats)
-                env = envelope[rows].detach().requires_grad_(need_env)
-                weights = _radial_weights(interaction, feats, env, channels)
+                feats = radial_x[rows].detach().requires_grad_(need_feats)
+                env = radial_y[rows].detach().requires_grad_(need_env)
+                weights = _radial_weights(interaction, feats, env, active[rows], channels)
         grad_w, grad_y, grad_x = kernel.convolution_backward(
             grad_out[start:stop].contiguous(), weights.detach(), sh[rows], h_up, sender[rows], active[rows],
             *interaction.fused_tables[:4], buffer_w, buffer_y, buffer_x)
@@ -297,21 +329,22 @@ def _kernel_backward(ctx, grad_out, h_up, sh, edge_feats, envelope, sender, acti
     return grad_h, grad_sh, grad_feats, grad_env
 
 
-def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, edge_feats, envelope, sender, active):
+def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_y, sender, active):
     """Per chunk: the reference code recomputed under autograd (differentiable again when ``create_graph``)."""
     interaction = ctx.interaction
-    n_receivers = h_up.shape[0]
+    n_receivers, _, channels = h_up.shape
     neighbours = sender.shape[0] // max(n_receivers, 1)
     need = ctx.needs_input_grad[1:5]
     grad_h = torch.zeros_like(h_up) if need[0] else None
-    pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dedge_feats, d/denvelope
+    pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dradial_x, d/dradial_y
     for start, stop in _chunks(n_receivers, neighbours, h_up.device):
         rows = slice(start * neighbours, stop * neighbours)
         with torch.enable_grad():
-            inputs = [h_up.index_select(0, sender[rows]), sh[rows], edge_feats[rows], envelope[rows]]
+            inputs = [h_up.index_select(0, sender[rows]), sh[rows], radial_x[rows], radial_y[rows]]
             if not create_graph:
                 inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
-            out = interaction.convolution(*inputs, stop - start)
+            weights = _radial_weights(interaction, inputs[2], inputs[3], active[rows], channels)
+            out = interaction.convolve(inputs[0], inputs[1], weights, stop - start)
             wanted = [t for t, n in zip(inputs, need) if n]
             result = list(torch.autograd.grad(out, wanted, grad_out[start:stop], create_graph=create_graph,
                                               allow_unused=True))
@@ -328,9 +361,12 @@ def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, edge_feats, envel
 
 
 def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
-                      sender: Tensor) -> Tensor:
-    """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, N)``, chunked and fused."""
+                      sender: Tensor, spline: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, N)``, chunked and fused; with
+    ``spline`` = (u, interval) of :mod:`mace_ase.model.radial_spline`, from the interaction's radial tables."""
     active = envelope.view(-1) != 0  # padding and r >= r_max: exactly zero weights, values and gradients
+    if spline is not None and getattr(interaction, "spline", None) is not None:
+        return _FusedConvolution.apply(interaction, h_up, sh, spline[0], spline[1], sender, active)
     return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active)
 
 

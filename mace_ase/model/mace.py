@@ -332,11 +332,19 @@ class Interaction(nn.Module):
 
         ``sender_features`` are the (linear_up) features of each edge's sender, ``[n_receivers*K, D_in, C]``.
         """
-        channels = sender_features.shape[2]
+        return self.convolve(sender_features, sh, self.path_weights(edge_feats, envelope, sender_features.shape[2]),
+                             n_receivers)
+
+    def path_weights(self, edge_feats: Tensor, envelope: Tensor, channels: int) -> Tensor:
+        """Radial weights ``R(r)`` of every edge and path, ``[N*K, n_paths, C]`` (the radial MLP, Eq. 8)."""
         path_weights = self.radial_mlp(edge_feats)  # [N*K, n_paths * C]
         path_weights = path_weights.view(path_weights.shape[0], path_weights.shape[1] // channels, channels)
         if not self.apply_cutoff:
             path_weights = path_weights * envelope.unsqueeze(-1)
+        return path_weights
+
+    def convolve(self, sender_features: Tensor, sh: Tensor, path_weights: Tensor, n_receivers: int) -> Tensor:
+        """The neighbour sum of every path for given radial weights ``[N*K, n_paths, C]``."""
         # Split once (one backward op each) rather than slicing per path (a zero-filled gradient per slice).
         sender_irreps = sender_features.split(self.input_dims, dim=1)  # each [N*K, 2l+1, C]
         weights_per_path = path_weights.unbind(1)  # each [N*K, C]
@@ -346,23 +354,25 @@ class Interaction(nn.Module):
         return torch.cat(pieces, dim=1)
 
     @torch.jit.unused
-    def fused_convolution(self, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor
-                          ) -> Tensor:
+    def fused_convolution(self, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
+                          spline: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
         """Same result as :meth:`convolution` (fast path, eager mode only): see :mod:`mace_ase.model.fused`."""
         from mace_ase.model.fused import fused_convolution
 
-        return fused_convolution(self, h_up, sh, edge_feats, envelope, sender)
+        return fused_convolution(self, h_up, sh, edge_feats, envelope, sender, spline)
 
     def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
-                species_counts: List[int]) -> Tuple[Tensor, Optional[Tensor]]:
-        """Edge inputs (``sh``, ``edge_feats``, ``envelope``, ``sender``) are in the padded ``[N*K]`` layout."""
+                species_counts: List[int], spline: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Edge inputs (``sh``, ``edge_feats``, ``envelope``, ``sender``) are in the padded ``[N*K]`` layout;
+        ``spline`` (eager, fused runs only) places each edge in the radial tables of the spline mode."""
         n_nodes = h.shape[0]
         sc: Optional[Tensor] = None
         if self.residual:
             sc = self.skip(h, species_counts)
         h_up = self.linear_up(h)
         if self.fused and not torch.jit.is_scripting():
-            convolved = self.fused_convolution(h_up, sh, edge_feats, envelope, sender)
+            convolved = self.fused_convolution(h_up, sh, edge_feats, envelope, sender, spline)
         else:
             convolved = self.convolution(h_up.index_select(0, sender), sh, edge_feats, envelope, n_nodes)
         message = self.linear(convolved)  # [N, D, C], D = (l_max + 1)^2 components of the hidden irreps
@@ -533,6 +543,9 @@ class MACE(nn.Module):
         self.readouts = nn.ModuleList(readouts)
         self.readout_layers = readout_layers  # which layer's features each readout reads
         self.use_zbl = zbl is not None
+        # opt-in tabulated radial weights (mace_ase.model.radial_spline.enable_spline); eager runs only
+        self.use_radial_spline = False
+        self.radial_spline = None  # the RadialSpline object when on
         self.zbl = zbl if zbl is not None else nn.Identity()
 
     def edge_geometry(self, vectors: Tensor, species: Tensor, sender: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -550,13 +563,21 @@ class MACE(nn.Module):
         """
         sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
         edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
+        spline: Optional[Tuple[Tensor, Tensor]] = None
+        if self.use_radial_spline and not torch.jit.is_scripting():
+            spline = self.spline_coordinates(lengths, z_sender, z_receiver)
         h = self.embedding[species].unsqueeze(1)  # [N, 1, C]: layer-0 features are scalars
         features: List[Tensor] = []
         for interaction, product in zip(self.interactions, self.products):
-            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts)
+            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts, spline)
             h = product(message, sc, species_counts)
             features.append(h)
         return features
+
+    @torch.jit.unused
+    def spline_coordinates(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tuple[Tensor, Tensor]:
+        """Each edge's place in the radial tables (spline mode, :mod:`mace_ase.model.radial_spline`)."""
+        return self.radial_spline.coordinates(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
 
     def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, head: int, species_counts: List[int]
                       ) -> Tensor:

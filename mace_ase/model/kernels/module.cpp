@@ -12,6 +12,16 @@ std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::T
                                                 torch::Tensor pa, torch::Tensor pairs, torch::Tensor terms,
                                                 torch::Tensor values, torch::Tensor grad_W_buffer,
                                                 torch::Tensor grad_Y_buffer, torch::Tensor grad_x_buffer);
+torch::Tensor spline_convolution_forward(torch::Tensor table, torch::Tensor interval, torch::Tensor u,
+                                         torch::Tensor Y, torch::Tensor x, torch::Tensor sender, torch::Tensor active,
+                                         int64_t n_recv, int64_t D_out, int64_t P, torch::Tensor pa,
+                                         torch::Tensor pairs, torch::Tensor terms, torch::Tensor values);
+std::vector<torch::Tensor> spline_convolution_backward(torch::Tensor grad_out, torch::Tensor table,
+                                                       torch::Tensor interval, torch::Tensor u, torch::Tensor Y,
+                                                       torch::Tensor x, torch::Tensor sender, torch::Tensor active,
+                                                       int64_t P, torch::Tensor pa, torch::Tensor pairs,
+                                                       torch::Tensor terms, torch::Tensor values,
+                                                       torch::Tensor grad_Y_buffer, torch::Tensor grad_x_buffer);
 torch::Tensor symmetric_contraction_forward(torch::Tensor A, torch::Tensor V, torch::Tensor group,
                                             torch::Tensor singles, torch::Tensor pairs, torch::Tensor triple_pair,
                                             torch::Tensor triple_single);
@@ -22,6 +32,8 @@ torch::Tensor symmetric_contraction_backward(torch::Tensor grad_B, torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convolution_forward", &convolution_forward, "fused MACE convolution, forward (CPU)");
   m.def("convolution_backward", &convolution_backward, "fused MACE convolution, backward (CPU)");
+  m.def("spline_convolution_forward", &spline_convolution_forward, "convolution, splined radial weights (CPU)");
+  m.def("spline_convolution_backward", &spline_convolution_backward, "its backward pass: dL/du, dL/dY, dL/dx");
   m.def("symmetric_contraction_forward", &symmetric_contraction_forward, "symmetric contraction, forward (CPU)");
   m.def("symmetric_contraction_backward", &symmetric_contraction_backward, "symmetric contraction, backward (CPU)");
 }
