@@ -19,9 +19,120 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Channel blocks held in SIMD registers
+// ---------------------------------------------------------------------------------------------------------------
+// A Block is R SIMD vectors of consecutive channels (GCC/Clang vector extensions: zmm registers with AVX-512, ymm
+// otherwise; the compiler splits them on narrower targets). The kernels walk the C channels in blocks of 8, 4, 2 and
+// 1 vectors and finish an odd remainder one channel at a time (R = 1 "vector" of one lane), so that every loop below
+// has a compile-time trip count and its accumulators stay in registers.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+constexpr int kMaxVectors = 8;
+
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(kVectorBytes)));
+  static constexpr int kLanes = kVectorBytes / sizeof(T);
+};
+
+template <typename T, typename V, int R>
+struct Block {
+  static constexpr int kLanes = sizeof(V) / sizeof(T);
+  static constexpr int kVectors = R;
+  static constexpr int kWidth = R * kLanes;  // channels
+  V v[R];
+
+  static Block load(const T* p) {
+    Block b;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) std::memcpy(&b.v[r], p + r * kLanes, sizeof(V));
+    return b;
+  }
+  static Block zero() {
+    Block b;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) b.v[r] = V{};
+    return b;
+  }
+  void store(T* p) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) std::memcpy(p + r * kLanes, &v[r], sizeof(V));
+  }
+  void add_scaled(T a, const Block& x) {  // this += a * x
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) v[r] += a * x.v[r];
+  }
+  void add_product(const Block& x, const Block& y) {  // this += x * y
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) v[r] += x.v[r] * y.v[r];
+  }
+  Block operator*(const Block& o) const {
+    Block b;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) b.v[r] = v[r] * o.v[r];
+    return b;
+  }
+  // sum of all channels (a tree over the vectors, then over the lanes)
+  T sum() const {
+    V s[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) s[r] = v[r];
+#pragma GCC unroll 8
+    for (int h = R / 2; h > 0; h /= 2) {
+#pragma GCC unroll 8
+      for (int r = 0; r < h; ++r) s[r] += s[r + h];
+    }
+    T lanes[kLanes];
+    std::memcpy(lanes, &s[0], sizeof(V));
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int l = 0; l < kLanes; ++l) total += lanes[l];
+    return total;
+  }
+  T dot(const Block& o) const { return (*this * o).sum(); }
+};
+
+// The channel blocks of C channels: (first channel, vectors per block; 0 = one channel)
+std::vector<std::pair<int64_t, int>> channel_blocks(int64_t C, int lanes) {
+  std::vector<std::pair<int64_t, int>> blocks;
+  int64_t c = 0;
+  for (int r = kMaxVectors; r >= 1; r /= 2) {
+    while (C - c >= r * lanes) {
+      blocks.emplace_back(c, r);
+      c += r * lanes;
+    }
+  }
+  for (; c < C; ++c) blocks.emplace_back(c, 0);
+  return blocks;
+}
+
+// Calls f.template operator()<Block type>() for the block kind r (see channel_blocks).
+template <typename T, typename F>
+void dispatch_block(int r, F&& f) {
+  using V = typename Simd<T>::V;
+  switch (r) {
+    case 8: f(Block<T, V, 8>()); break;
+    case 4: f(Block<T, V, 4>()); break;
+    case 2: f(Block<T, V, 2>()); break;
+    case 1: f(Block<T, V, 1>()); break;
+    default: f(Block<T, T, 1>()); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Radial weights
+// ---------------------------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
 struct RadialSource {
@@ -30,61 +141,210 @@ struct RadialSource {
   const int64_t* interval = nullptr;   // [E] row of the table of each edge
   const scalar_t* u = nullptr;         // [E] position of the edge inside its interval
   int64_t PC = 0;
+  int64_t C = 0;
 
-  // The edge's weights: a pointer into W, or the spline evaluated into `buffer` (PC values).
-  const scalar_t* weights(int64_t e, scalar_t* buffer) const {
-    if (table == nullptr) return W + e * PC;
-    const scalar_t* c = table + interval[e] * 4 * PC;
+  // The channel block [c0, c0 + width) of the edge's P weight rows: a pointer into W (row stride C), or the spline
+  // evaluated into `w` (row stride width) and, when `dw` is given, its derivative dW/du into `dw`.
+  template <typename B>
+  const scalar_t* block(int64_t e, int64_t P, int64_t c0, scalar_t* w, scalar_t* dw, int64_t& stride) const {
+    if (table == nullptr) {
+      stride = C;
+      return W + e * PC + c0;
+    }
+    stride = B::kWidth;
+    const scalar_t* c = table + interval[e] * 4 * PC + c0;
     const scalar_t t = u[e];
-#pragma omp simd
-    for (int64_t i = 0; i < PC; ++i) buffer[i] = c[i] + t * (c[PC + i] + t * (c[2 * PC + i] + t * c[3 * PC + i]));
-    return buffer;
-  }
-
-  // sum_i grad[i] * dW_i/du of the edge (spline mode only).
-  scalar_t derivative_dot(int64_t e, const scalar_t* grad) const {
-    const scalar_t* c = table + interval[e] * 4 * PC;
-    const scalar_t t = u[e];
-    scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < PC; ++i) dot += grad[i] * (c[PC + i] + t * (2 * c[2 * PC + i] + 3 * t * c[3 * PC + i]));
-    return dot;
+    for (int64_t p = 0; p < P; ++p) {
+      const B c_0 = B::load(c + p * C), c_1 = B::load(c + PC + p * C), c_2 = B::load(c + 2 * PC + p * C),
+              c_3 = B::load(c + 3 * PC + p * C);
+      B value, slope;
+#pragma GCC unroll 8
+      for (int r = 0; r < B::kVectors; ++r) {
+        value.v[r] = c_0.v[r] + t * (c_1.v[r] + t * (c_2.v[r] + t * c_3.v[r]));
+        slope.v[r] = c_1.v[r] + t * (2 * c_2.v[r] + 3 * t * c_3.v[r]);
+      }
+      value.store(w + p * B::kWidth);
+      if (dw != nullptr) slope.store(dw + p * B::kWidth);
+    }
+    return w;
   }
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coupling tables, reordered for the kernels (built per call from fused.py's tables: a few hundred entries)
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct Coupling {
+  int64_t n_pa = 0, n_pair = 0;
+  std::vector<int64_t> p, a;                 // [n_pa]: radial weight row and sender component of each pa vector
+  std::vector<int64_t> term_start, term_m;   // entries of pair j: term_start[j] .. term_start[j+1]
+  std::vector<scalar_t> term_value;          // their coefficients, in the model's precision
+  // forward: output rows b that receive something, with their (pa, pair) entries
+  std::vector<int64_t> row_b, row_start, row_q, row_j;
+  // backward: each pa vector q with its (pair, output row) entries
+  std::vector<int64_t> q_start, q_j, q_b;
+
+  Coupling(const int64_t* pa, int64_t n_pa_, const int64_t* pairs, int64_t n_pair_, const int64_t* terms,
+           const double* values, int64_t D_out)
+      : n_pa(n_pa_), n_pair(n_pair_) {
+    for (int64_t q = 0; q < n_pa; ++q) {
+      p.push_back(pa[2 * q]);
+      a.push_back(pa[2 * q + 1]);
+    }
+    for (int64_t j = 0; j <= n_pair; ++j) term_start.push_back(pairs[3 * j + 2] - pairs[2]);
+    for (int64_t u = pairs[2]; u < pairs[3 * n_pair + 2]; ++u) {
+      term_m.push_back(terms[u]);
+      term_value.push_back(static_cast<scalar_t>(values[u]));
+    }
+    std::vector<std::vector<int64_t>> by_b(D_out), by_q(n_pa);
+    for (int64_t j = 0; j < n_pair; ++j) {
+      TORCH_CHECK(pairs[3 * j] >= 0 && pairs[3 * j] < n_pa && pairs[3 * j + 1] >= 0 && pairs[3 * j + 1] < D_out,
+                  "coupling table out of range");
+      by_b[pairs[3 * j + 1]].push_back(j);
+      by_q[pairs[3 * j]].push_back(j);
+    }
+    for (int64_t b = 0; b < D_out; ++b) {
+      if (by_b[b].empty()) continue;
+      row_b.push_back(b);
+      row_start.push_back(row_q.size());
+      for (int64_t j : by_b[b]) {
+        row_q.push_back(pairs[3 * j]);
+        row_j.push_back(j);
+      }
+    }
+    row_start.push_back(row_q.size());
+    for (int64_t q = 0; q < n_pa; ++q) {
+      q_start.push_back(q_j.size());
+      for (int64_t j : by_q[q]) {
+        q_j.push_back(j);
+        q_b.push_back(pairs[3 * j + 1]);
+      }
+    }
+    q_start.push_back(q_j.size());
+  }
+
+  // G[j] = sum of value * Y[m] over the entries of pair j: the coupling coefficients of one edge
+  void coefficients(const scalar_t* y, scalar_t* G) const {
+    for (int64_t j = 0; j < n_pair; ++j) {
+      scalar_t coef = 0;
+      for (int64_t u = term_start[j]; u < term_start[j + 1]; ++u) coef += term_value[u] * y[term_m[u]];
+      G[j] = coef;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------------
+// Loop order: receiver r (parallel) > edge k > channel block > output row b > the pairs (pa, b).
+// Per edge, the coupling coefficients G_j(Y_e) are computed once (one scalar per pair), and per channel block the
+// weight-times-feature vectors wx_q = W[p_q] * x[a_q] go to a small buffer (n_pa x block width: L1). Each output
+// row block of the receiver (D_out x C: L1, reused by all K edges) is then loaded once into registers, receives
+// sum_j G_j wx_{q_j} over its pairs (one load and one FMA per vector), and is stored once: instead of two loads and
+// a store per FMA when the pairs are walked in table order.
+
+template <typename scalar_t, typename B>
+void forward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, int64_t e, int64_t P,
+                        int64_t C, int64_t c0, const scalar_t* x_s, const scalar_t* G, scalar_t* o,
+                        scalar_t* w_buffer, scalar_t* wx) {
+  constexpr int64_t W = B::kWidth;
+  int64_t stride = 0;
+  const scalar_t* w = radial.template block<B>(e, P, c0, w_buffer, nullptr, stride);
+  for (int64_t q = 0; q < tab.n_pa; ++q) {
+    (B::load(w + tab.p[q] * stride) * B::load(x_s + tab.a[q] * C + c0)).store(wx + q * W);
+  }
+  const int64_t n_rows = static_cast<int64_t>(tab.row_b.size());
+  for (int64_t i = 0; i < n_rows; ++i) {
+    scalar_t* ob = o + tab.row_b[i] * C + c0;
+    B acc = B::load(ob);
+    for (int64_t s = tab.row_start[i]; s < tab.row_start[i + 1]; ++s) {
+      acc.add_scaled(G[tab.row_j[s]], B::load(wx + tab.row_q[s] * W));
+    }
+    acc.store(ob);
+  }
+}
 
 template <typename scalar_t>
 void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, const scalar_t* x, const int64_t* sender,
                     const bool* active, scalar_t* out, int64_t n_recv, int64_t K, int64_t P, int64_t S,
-                    int64_t D_in, int64_t D_out, int64_t C, const int64_t* pa, int64_t n_pa, const int64_t* pairs,
-                    int64_t n_pair, const int64_t* terms, const double* values) {
+                    int64_t D_in, int64_t D_out, int64_t C, const Coupling<scalar_t>& tab) {
+  const auto blocks = channel_blocks(C, Simd<scalar_t>::kLanes);
+  const int64_t max_width = kMaxVectors * Simd<scalar_t>::kLanes;
   at::parallel_for(0, n_recv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> wx(n_pa * C), w_buffer(radial.table ? P * C : 0);
+    std::vector<scalar_t> wx(tab.n_pa * max_width), w_buffer(P * max_width), G(tab.n_pair);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* o = out + r * D_out * C;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = r * K + k;
         if (!active[e]) continue;
-        const scalar_t* w_e = radial.weights(e, w_buffer.data());
+        tab.coefficients(Y + e * S, G.data());
         const scalar_t* x_s = x + sender[e] * D_in * C;
-        const scalar_t* y_e = Y + e * S;
-        for (int64_t q = 0; q < n_pa; ++q) {
-          const scalar_t* w = w_e + pa[2 * q] * C;
-          const scalar_t* xa = x_s + pa[2 * q + 1] * C;
-          scalar_t* t = wx.data() + q * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) t[c] = w[c] * xa[c];
-        }
-        for (int64_t j = 0; j < n_pair; ++j) {
-          scalar_t coef = 0;
-          for (int64_t u = pairs[3 * j + 2]; u < pairs[3 * j + 5]; ++u) coef += static_cast<scalar_t>(values[u]) * y_e[terms[u]];
-          const scalar_t* t = wx.data() + pairs[3 * j] * C;
-          scalar_t* ob = o + pairs[3 * j + 1] * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) ob[c] += coef * t[c];
+        for (const auto& channel_block : blocks) {
+          const int64_t c0 = channel_block.first;
+          dispatch_block<scalar_t>(channel_block.second, [&](auto block) {
+            forward_edge_block<scalar_t, decltype(block)>(tab, radial, e, P, C, c0, x_s, G.data(), o,
+                                                          w_buffer.data(), wx.data());
+          });
         }
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------------
+// With g = dL/dout of the receiver and wx_q = W[p_q] * x[a_q]:
+//     dL/dwx_q = sum_{j in pairs of q} G_j g[b_j],   dot_j = <wx_{q_j}, g[b_j]>,   dL/dY[m] = sum_j value * dot_j,
+//     dL/dW[p_q] += dL/dwx_q * x[a_q],   dL/dx[a_q] += dL/dwx_q * W[p_q],   dL/du = sum dL/dW * dW/du (spline).
+// Loop order: receiver r (parallel) > edge k > channel block > pa vector q > its pairs. wx_q (computed in
+// registers) and the accumulator dL/dwx_q stay in registers over the pairs of q; each pair loads one row block of g
+// (the receiver's D_out x C gradient: L1, shared by its K edges) for two FMAs per vector; dL/dW and dL/dx are
+// read-modified-written once per q. In the spline mode the weights and their u-derivative are evaluated per block
+// into small buffers, dL/dW goes to a per-thread buffer and only dL/du leaves.
+
+template <typename scalar_t, typename B>
+void backward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, int64_t e, int64_t P,
+                         int64_t C, int64_t c0, const scalar_t* x_s, const scalar_t* g, const scalar_t* G,
+                         scalar_t* dot, scalar_t* gw_e, scalar_t* gx_e, scalar_t* grad_u, scalar_t* w_buffer,
+                         scalar_t* dw_buffer, scalar_t* gw_buffer) {
+  constexpr int64_t W = B::kWidth;
+  const bool spline = radial.table != nullptr;
+  int64_t stride = 0;
+  const scalar_t* w = radial.template block<B>(e, P, c0, w_buffer, dw_buffer, stride);
+  // dL/dW rows of this block: the output (exact mode, already zeroed) or a zeroed buffer (spline mode)
+  scalar_t* gw = spline ? gw_buffer : gw_e + c0;
+  const int64_t gw_stride = spline ? W : C;
+  if (spline) {
+    for (int64_t p = 0; p < P; ++p) B::zero().store(gw + p * W);
+  }
+  for (int64_t q = 0; q < tab.n_pa; ++q) {
+    const scalar_t* wp = w + tab.p[q] * stride;
+    const scalar_t* xa = x_s + tab.a[q] * C + c0;
+    const B w_q = B::load(wp), x_q = B::load(xa);
+    const B t = w_q * x_q;
+    B acc = B::zero();
+    for (int64_t s = tab.q_start[q]; s < tab.q_start[q + 1]; ++s) {
+      const int64_t j = tab.q_j[s];
+      const B gb = B::load(g + tab.q_b[s] * C + c0);
+      acc.add_scaled(G[j], gb);
+      dot[j] += t.dot(gb);
+    }
+    scalar_t* gx = gx_e + tab.a[q] * C + c0;
+    B gx_q = B::load(gx);
+    gx_q.add_product(acc, w_q);
+    gx_q.store(gx);
+    scalar_t* gwp = gw + tab.p[q] * gw_stride;
+    B gw_q = B::load(gwp);
+    gw_q.add_product(acc, x_q);
+    gw_q.store(gwp);
+  }
+  if (spline) {
+    B du = B::zero();
+    for (int64_t p = 0; p < P; ++p) du.add_product(B::load(gw + p * W), B::load(dw_buffer + p * W));
+    *grad_u += du.sum();
+  }
 }
 
 template <typename scalar_t>
@@ -92,66 +352,45 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
                      const scalar_t* x, const int64_t* sender, const bool* active, scalar_t* grad_W,
                      scalar_t* grad_u, scalar_t* grad_Y,
                      scalar_t* grad_x_edge, int64_t n_recv, int64_t K, int64_t P, int64_t S, int64_t D_in,
-                     int64_t D_out, int64_t C, const int64_t* pa, int64_t n_pa, const int64_t* pairs, int64_t n_pair,
-                     const int64_t* terms, const double* values) {
+                     int64_t D_out, int64_t C, const Coupling<scalar_t>& tab) {
+  const auto blocks = channel_blocks(C, Simd<scalar_t>::kLanes);
+  const int64_t max_width = kMaxVectors * Simd<scalar_t>::kLanes;
+  const bool spline = radial.table != nullptr;
   at::parallel_for(0, n_recv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> wx(n_pa * C), gwx(n_pa * C);
-    // spline mode: the edge's weights and their gradient live in per-thread buffers; only dL/du leaves
-    std::vector<scalar_t> w_buffer(radial.table ? P * C : 0), gw_buffer(radial.table ? P * C : 0);
+    std::vector<scalar_t> G(tab.n_pair), dot(tab.n_pair);
+    std::vector<scalar_t> w_buffer(spline ? P * max_width : 0), dw_buffer(spline ? P * max_width : 0),
+        gw_buffer(spline ? P * max_width : 0);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* g = grad_out + r * D_out * C;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = r * K + k;
-        scalar_t* gw_e = radial.table ? gw_buffer.data() : grad_W + e * P * C;
+        scalar_t* gw_e = spline ? nullptr : grad_W + e * P * C;
         scalar_t* gx_e = grad_x_edge + e * D_in * C;
         scalar_t* gy_e = grad_Y + e * S;
         // outputs are uninitialised buffers: zero this edge's rows here, while they are in cache
-        for (int64_t u = 0; u < P * C; ++u) gw_e[u] = 0;
-        for (int64_t u = 0; u < D_in * C; ++u) gx_e[u] = 0;
-        for (int64_t u = 0; u < S; ++u) gy_e[u] = 0;
-        if (grad_u != nullptr) grad_u[e] = 0;
-        if (!active[e]) continue;
-        const scalar_t* w_e = radial.weights(e, w_buffer.data());
-        const scalar_t* x_s = x + sender[e] * D_in * C;
-        const scalar_t* y_e = Y + e * S;
-        for (int64_t q = 0; q < n_pa; ++q) {
-          const scalar_t* w = w_e + pa[2 * q] * C;
-          const scalar_t* xa = x_s + pa[2 * q + 1] * C;
-          scalar_t* t = wx.data() + q * C;
-          scalar_t* gt = gwx.data() + q * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            t[c] = w[c] * xa[c];
-            gt[c] = 0;
+        if (gw_e != nullptr) std::fill(gw_e, gw_e + P * C, scalar_t(0));
+        std::fill(gx_e, gx_e + D_in * C, scalar_t(0));
+        std::fill(gy_e, gy_e + S, scalar_t(0));
+        scalar_t du = 0;
+        if (active[e]) {
+          tab.coefficients(Y + e * S, G.data());
+          std::fill(dot.begin(), dot.end(), scalar_t(0));
+          const scalar_t* x_s = x + sender[e] * D_in * C;
+          for (const auto& channel_block : blocks) {
+            const int64_t c0 = channel_block.first;
+            dispatch_block<scalar_t>(channel_block.second, [&](auto block) {
+              backward_edge_block<scalar_t, decltype(block)>(tab, radial, e, P, C, c0, x_s, g, G.data(), dot.data(),
+                                                             gw_e, gx_e, &du, w_buffer.data(), dw_buffer.data(),
+                                                             gw_buffer.data());
+            });
+          }
+          for (int64_t j = 0; j < tab.n_pair; ++j) {
+            for (int64_t u = tab.term_start[j]; u < tab.term_start[j + 1]; ++u) {
+              gy_e[tab.term_m[u]] += tab.term_value[u] * dot[j];
+            }
           }
         }
-        for (int64_t j = 0; j < n_pair; ++j) {
-          const scalar_t* t = wx.data() + pairs[3 * j] * C;
-          scalar_t* gt = gwx.data() + pairs[3 * j] * C;
-          const scalar_t* gb = g + pairs[3 * j + 1] * C;
-          scalar_t coef = 0;
-          for (int64_t u = pairs[3 * j + 2]; u < pairs[3 * j + 5]; ++u) coef += static_cast<scalar_t>(values[u]) * y_e[terms[u]];
-          scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < C; ++c) {
-            dot += t[c] * gb[c];
-            gt[c] += coef * gb[c];
-          }
-          for (int64_t u = pairs[3 * j + 2]; u < pairs[3 * j + 5]; ++u) gy_e[terms[u]] += static_cast<scalar_t>(values[u]) * dot;
-        }
-        for (int64_t q = 0; q < n_pa; ++q) {
-          const scalar_t* w = w_e + pa[2 * q] * C;
-          const scalar_t* xa = x_s + pa[2 * q + 1] * C;
-          const scalar_t* gt = gwx.data() + q * C;
-          scalar_t* gw = gw_e + pa[2 * q] * C;
-          scalar_t* gx = gx_e + pa[2 * q + 1] * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            gw[c] += gt[c] * xa[c];
-            gx[c] += gt[c] * w[c];
-          }
-        }
-        if (grad_u != nullptr) grad_u[e] = radial.derivative_dot(e, gw_e);
+        if (grad_u != nullptr) grad_u[e] = du;
       }
     }
   });
@@ -180,6 +419,7 @@ torch::Tensor forward_impl(const torch::Tensor& W, const torch::Tensor& table, c
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convolution_forward", [&] {
     RadialSource<scalar_t> radial;
     radial.PC = P * C;
+    radial.C = C;
     if (W.defined()) {
       radial.W = W.data_ptr<scalar_t>();
     } else {
@@ -187,10 +427,11 @@ torch::Tensor forward_impl(const torch::Tensor& W, const torch::Tensor& table, c
       radial.interval = interval.data_ptr<int64_t>();
       radial.u = u.data_ptr<scalar_t>();
     }
+    const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
+                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out);
     forward_kernel<scalar_t>(radial, Y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), sender.data_ptr<int64_t>(),
                              active.data_ptr<bool>(), out.data_ptr<scalar_t>(), n_recv, E / n_recv, P, S, D_in,
-                             D_out, C, pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
-                             pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>());
+                             D_out, C, coupling);
   });
   return out;
 }
@@ -221,6 +462,7 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convolution_backward", [&] {
     RadialSource<scalar_t> radial;
     radial.PC = P * C;
+    radial.C = C;
     if (spline) {
       radial.table = table.data_ptr<scalar_t>();
       radial.interval = interval.data_ptr<int64_t>();
@@ -228,13 +470,13 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
     } else {
       radial.W = W.data_ptr<scalar_t>();
     }
+    const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
+                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out);
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), radial, Y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                               sender.data_ptr<int64_t>(), active.data_ptr<bool>(),
                               spline ? nullptr : grad_radial.data_ptr<scalar_t>(),
                               spline ? grad_radial.data_ptr<scalar_t>() : nullptr, grad_Y.data_ptr<scalar_t>(),
-                              grad_x_edge.data_ptr<scalar_t>(), n_recv, E / n_recv, P, S, D_in, D_out, C,
-                              pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(), pairs.size(0) - 1,
-                              terms.data_ptr<int64_t>(), values.data_ptr<double>());
+                              grad_x_edge.data_ptr<scalar_t>(), n_recv, E / n_recv, P, S, D_in, D_out, C, coupling);
   });
   return {grad_radial, grad_Y, grad_x_edge};
 }
