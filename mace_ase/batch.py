@@ -21,6 +21,7 @@ periodic structures (``None`` otherwise).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
+from mace_ase.model.radial_spline import check_radial, disable_spline, enable_spline
 from mace_ase.neighbours import neighbour_list
 from mace_ase.options import resolve_device
 
@@ -107,17 +109,23 @@ class _Graph:
     periodic: bool
 
 
-def _resolve_model(model, device: torch.device, dtype: torch.dtype) -> MACE:
+def _resolve_model(model, device: torch.device, dtype: torch.dtype, radial: str) -> MACE:
     if isinstance(model, MACE):
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype).eval()
+        if (radial == "spline") != model.use_radial_spline:  # the other radial mode: on a copy, never in place
+            model = copy.deepcopy(model)
+            disable_spline(model)
+            if radial == "spline":
+                enable_spline(model)
+        return model
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model, device=device, dtype=dtype)
+        return load_model(model, device=device, dtype=dtype, radial=radial)
     raise TypeError(f"model must be a .model path or a loaded MACE module, not {type(model).__name__}")
 
 
 def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = None, device: Optional[str] = None,
-             dtype: str = "float64", head: Optional[str] = None, memory_budget: Optional[int] = None
-             ) -> BatchResults:
+             dtype: str = "float64", head: Optional[str] = None, memory_budget: Optional[int] = None,
+             radial: str = "exact") -> BatchResults:
     """Energies, forces and stresses of many structures, several per model call.
 
     Args:
@@ -129,6 +137,8 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
         dtype: ``"float64"`` or ``"float32"``.
         head: head of a multi-head model (``None``: the only head, or "Default").
         memory_budget: bytes one batch may use (default: see the module docstring).
+        radial: ``"exact"`` or ``"spline"`` (opt-in tabulated radial weights, as in
+            :class:`~mace_ase.calculator.MACECalculator`).
 
     Returns:
         :class:`BatchResults` (eV, eV/Å, eV/Å³).
@@ -144,7 +154,7 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
         raise TypeError("structures must be a sequence of ase.Atoms")
     torch_device = torch.device(resolve_device(device))
     torch_dtype = resolve_dtype(dtype)
-    net = _resolve_model(model, torch_device, torch_dtype)
+    net = _resolve_model(model, torch_device, torch_dtype, check_radial(radial))
     head_index = _select_head(list(net.heads), head)
     species_of_z = np.full(119, -1, dtype=np.int64)
     known = net.atomic_numbers.cpu().numpy()

@@ -199,7 +199,8 @@ def _build(function: str, families: Iterable[str], model, device, default_dtype,
         from mace_ase.validation import resolve_torch_device
 
         model_module = load_model(path, device=resolve_torch_device(device),  # a clear error for CUDA without CUDA
-                                  dtype=resolve_dtype(default_dtype, "default_dtype"))
+                                  dtype=resolve_dtype(default_dtype, "default_dtype"),
+                                  radial=kwargs.pop("radial", "exact"))
         if entry is not None:
             licence_notice(entry)
         return model_module

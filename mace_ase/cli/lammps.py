@@ -23,6 +23,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float64", help="default float64")
     p.add_argument("--device", default="cpu", help="torch device LAMMPS ranks use (mliap format; default cpu)")
     p.add_argument("--head", default=None, help="head of a multi-head model")
+    p.add_argument("--radial", choices=("exact", "spline"), default="exact",
+                   help="radial weights (mliap format): exact (default) or spline (tabulated, faster, approximate)")
     p.add_argument("--elements", nargs="+", default=None,
                    help="element of each LAMMPS atom type, in type order (only for the printed pair_coeff line)")
     p.set_defaults(func=_export)
@@ -44,6 +46,10 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "pair-mace":
         from mace_ase.model.build import export_torchscript, load_model
 
+        if args.radial != "exact":
+            raise SystemExit("--radial spline is for the mliap format; pair_style mace files are TorchScript, "
+                             "which always uses the exact radial MLP")
+
         model = load_model(path, device="cpu", dtype=args.dtype)
         heads = list(model.heads)
         head = 0 if args.head is None else (heads.index(args.head) if args.head in heads else None)
@@ -57,7 +63,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from mace_ase.lammps import export_lammps, lammps_input_lines
 
-    unified = export_lammps(path, args.output, dtype=args.dtype, device=args.device, head=args.head)
+    unified = export_lammps(path, args.output, dtype=args.dtype, device=args.device, head=args.head,
+                            radial=args.radial)
     print(f"wrote {args.output} ({', '.join(unified.element_types)}; r_max {unified.r_max:g} A, "
           f"{unified.num_interactions} interactions, {args.dtype}, head {unified.head_name!r})")
     print("LAMMPS input lines:")

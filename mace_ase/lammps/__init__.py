@@ -30,7 +30,7 @@ __all__ = ["export_lammps", "lammps_input_lines", "load_lammps_model"]
 
 
 def export_lammps(model_path: str | os.PathLike, output: str | os.PathLike, dtype: str = "float64",
-                  device: str = "cpu", head: Optional[str] = None):
+                  device: str = "cpu", head: Optional[str] = None, radial: str = "exact"):
     """Write the file that ``pair_style mliap unified FILE 1`` loads, and return the object written.
 
     Args:
@@ -41,6 +41,8 @@ def export_lammps(model_path: str | os.PathLike, output: str | os.PathLike, dtyp
         device: torch device every rank uses (``"cpu"``, ``"cuda"``; with several ranks per GPU, ``"cuda"`` is
             shared).
         head: head of a multi-head model (``None``: the only head, or "Default").
+        radial: ``"exact"`` (default) or ``"spline"`` (opt-in tabulated radial weights, see
+            :class:`~mace_ase.calculator.MACECalculator`).
 
     Returns:
         the :class:`~mace_ase.lammps.unified.MACEUnified` object.
@@ -65,7 +67,8 @@ def export_lammps(model_path: str | os.PathLike, output: str | os.PathLike, dtyp
         raise ValueError(f"unknown head {head!r}; this model has heads {heads}")
     symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers.tolist()]
     unified = MACEUnified(model_path.read_bytes(), symbols, model.r_max_value, int(model.num_interactions),
-                          dtype=dtype_name, device=device, head=head_index, head_name=heads[head_index])
+                          dtype=dtype_name, device=device, head=head_index, head_name=heads[head_index],
+                          radial=radial)
     output = Path(output)
     handle, tmp = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=output.name + ".",
                                    suffix=".tmp")

@@ -37,6 +37,7 @@ import torch
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
+from mace_ase.model.radial_spline import check_radial
 
 __all__ = ["MACEUnified"]
 
@@ -65,10 +66,13 @@ class MACEUnified(MLIAPUnified):
         element_types: chemical symbols in the model's element order (names for ``pair_coeff * * ...``).
         r_max: cutoff, Å; num_interactions: message-passing layers T (the ghost shell is T * r_max).
         dtype: ``"float64"`` or ``"float32"``; device: torch device string; head: index of the model head.
+        radial: ``"exact"`` or ``"spline"`` (the opt-in tabulated radial weights of
+            :mod:`mace_ase.model.radial_spline`; each rank builds its tables at the first step).
     """
 
     def __init__(self, model_bytes: bytes, element_types: list[str], r_max: float, num_interactions: int,
-                 dtype: str = "float64", device: str = "cpu", head: int = 0, head_name: str = "Default") -> None:
+                 dtype: str = "float64", device: str = "cpu", head: int = 0, head_name: str = "Default",
+                 radial: str = "exact") -> None:
         # ndescriptors/nparams are unused by a unified model but LAMMPS requires them to be set; rcutfac is half
         # the pair cutoff (LAMMPS uses 2 * rcutfac for every element pair)
         super().__init__(None, list(element_types), 1, 1, 0.5 * float(r_max))
@@ -80,6 +84,7 @@ class MACEUnified(MLIAPUnified):
         self.device = str(device)
         self.head = int(head)
         self.head_name = head_name
+        self.radial = check_radial(radial)
         self._model: Optional[MACE] = None
         self._e0: Optional[torch.Tensor] = None
 
@@ -109,7 +114,8 @@ class MACEUnified(MLIAPUnified):
             try:
                 with os.fdopen(handle, "wb") as out:
                     out.write(self.model_bytes)
-                self._model = load_model(path, device=self.device, dtype=self.dtype)
+                self._model = load_model(path, device=self.device, dtype=self.dtype,
+                                         radial=getattr(self, "radial", "exact"))  # files from before 'radial'
             finally:
                 os.unlink(path)
             self._e0 = self._model.atomic_energies[self.head].to(torch.float64)

@@ -670,7 +670,7 @@ def build_model(model_file: ModelFile) -> MACE:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype = "float64", fused: bool = True) -> MACE:
+               dtype: str | torch.dtype = "float64", fused: bool = True, radial: str = "exact") -> MACE:
     """Read an official MACE ``.model`` file (safely) and return the :class:`MACE` module.
 
     Args:
@@ -680,10 +680,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             mace-torch's ``default_dtype="float32"`` does).
         fused: use the fast, chunked convolution (:mod:`mace_ase.model.fused`; exact, checked against the
             reference at load). ``False`` keeps the plain reference code everywhere.
+        radial: ``"exact"`` (the radial MLP of the file, for every edge) or ``"spline"`` (opt-in: the radial
+            weights tabulated as cubic splines, :mod:`mace_ase.model.radial_spline`; about 2x faster calls, not
+            exact: measured within 1e-6 eV/atom and 1e-5 eV/Å of the exact mode, forces remain the exact
+            gradients of the splined energy). Implies ``fused``.
 
     Raises:
         ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
     """
+    from mace_ase.model.radial_spline import check_radial, enable_spline
+
+    check_radial(radial)  # a typo fails before the file is read
     model_file = read_model_file(path)
     try:
         model = build_model(model_file)
@@ -698,6 +705,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         from mace_ase.model.fused import enable_fused
 
         enable_fused(model)
+    if radial == "spline":
+        enable_spline(model)
     return model
 
 

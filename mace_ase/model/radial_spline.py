@@ -16,9 +16,10 @@ the cubic Hermite interpolant
 
 whose error falls as h^4. Forces and stresses are the exact derivatives of this interpolated energy
 (``dW/dr = (c1 + u (2 c2 + 3 u c3)) / h``), so they stay conservative. The grid is refined (doubling ``n`` from
-:data:`FIRST_INTERVALS`) until the largest interpolation error at u = 1/4, 1/2, 3/4 of every interval, over all
-outputs of all interactions, is at most ``tolerance`` times the largest ``|W|`` (:data:`DEFAULT_TOLERANCE`); the
-reached error is kept in :attr:`RadialSpline.errors`. Measured end-to-end errors against the exact mode are in
+:data:`FIRST_INTERVALS`) until, at u = 1/4, 1/2, 3/4 of every interval and over all outputs of all interactions,
+the largest error of the values is at most ``tolerance`` times the largest ``|W|`` and the largest error of the
+slopes at most ``tolerance`` times the largest ``|dW/dr|`` (:data:`DEFAULT_TOLERANCE`); the reached error is kept in
+:attr:`RadialSpline.errors`. Measured end-to-end errors against the exact mode are in
 ``docs/ARCHITECTURE.md`` and ``tests/test_radial_spline.py`` (bounds 1e-6 eV/atom, 1e-5 eV/Å).
 
 The compiled CPU kernel evaluates the polynomial on the fly per edge (``kernels/convolution.cpp``): no
@@ -39,17 +40,22 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = 1e-7  # interpolation error / max |W|; see the module docstring for what it gives end to end
-FIRST_INTERVALS = 64
-MAX_INTERVALS = 8192
+DEFAULT_TOLERANCE = 1e-8  # interpolation error / max |W| and / max |dW/dr|; what it gives end to end: module doc
+FIRST_INTERVALS = 32  # uniform start, then intervals that miss the tolerance are halved
+MAX_REFINEMENTS = 12  # smallest interval r_max / (32 * 2^12), ~0.05 mÅ: far below any need
 RADIAL_MODES = ("exact", "spline")
+_PROBES = (0.25, 0.5, 0.75)  # where each interval's interpolation error is measured
+# Below this length (Å; the calculator's default min_distance) the tolerance is not enforced: there the slope of
+# sin(w r)/r is dominated by rounding (in the exact mode too), and no physical structure has such edges.
+SHORT_RANGE = 0.1
 
 
 class RadialSpline:
     """Cubic-Hermite tables of every interaction's radial weights, for the element pairs seen so far.
 
     ``coordinates()`` maps edges to (u, interval row) once per call; ``weights()`` evaluates one interaction's
-    table with torch ops; the CPU kernel reads ``tables[t]`` directly.
+    table with torch ops; the CPU kernel reads ``tables[t]`` directly. Intervals are of unequal width (halved
+    where the functions vary fast, e.g. at short range); the lookup is one ``searchsorted`` per edge.
     """
 
     def __init__(self, model: Any, tolerance: float = DEFAULT_TOLERANCE) -> None:
@@ -66,12 +72,15 @@ class RadialSpline:
         self._envelope_outside = [not t.apply_cutoff for t in model.interactions]
         self.slots: Dict[Tuple[int, int], int] = {}  # (Z_a <= Z_b), or (0, 0) when W does not depend on elements
         self.intervals: List[int] = []  # per slot
-        self.errors: List[float] = []  # per slot: reached max interpolation error / max |W|
+        self.errors: List[float] = []  # per slot: reached max interpolation error (relative)
         self.tables: List[Tensor] = [torch.empty(0, 4, m.weights[-1].shape[1], dtype=self.dtype, device=self.device)
                                      for m in self._mlps]  # per interaction: [rows of all slots, 4, P*C]
-        self._offset = torch.zeros(0, dtype=torch.int64, device=self.device)  # first row of each slot
-        self._inv_h = torch.zeros(0, dtype=self.dtype, device=self.device)
-        self._last = torch.zeros(0, dtype=torch.int64, device=self.device)  # last interval of each slot
+        # Lookup: slot s's knots shifted by s * (r_max + 1) Å, concatenated: one sorted array for all slots.
+        self._keys = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self._start = torch.zeros(0, dtype=torch.float64, device=self.device)  # per row: first r of the interval
+        self._inv_width = torch.zeros(0, dtype=self.dtype, device=self.device)  # per row: 1 / its width
+        self._first = torch.zeros(0, dtype=torch.int64, device=self.device)  # per slot: its first row
+        self._last = torch.zeros(0, dtype=torch.int64, device=self.device)  # per slot: its last row
         self._slot_of_pair = torch.full((119, 119), -1, dtype=torch.int64, device=self.device)
 
     # -- building ------------------------------------------------------------------------------------------------
@@ -87,55 +96,73 @@ class RadialSpline:
             out.append(w * envelope if outside else w)
         return out
 
-    def _coefficients(self, n: int, z_a: int, z_b: int) -> List[Tensor]:
-        h = self.r_max / n
-        knots = torch.arange(n + 1, dtype=torch.float64) * h
-        # The Bessel features sin(w r)/r are even in r with a finite limit at 0: take knot 0 just off zero.
-        knots[0] = 1e-6 * h
-        values, slopes = torch.func.jvp(lambda r: tuple(self._exact(r, z_a, z_b)), (knots,),
-                                        (torch.ones_like(knots),))
-        tables = []
-        for f, df in zip(values, slopes):
-            f0, f1, d0, d1 = f[:-1], f[1:], h * df[:-1], h * df[1:]
-            tables.append(torch.stack([f0, d0, 3 * (f1 - f0) - 2 * d0 - d1, 2 * (f0 - f1) + d0 + d1], dim=1))
-        return tables
+    def _values_and_slopes(self, r: Tensor, z_a: int, z_b: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+        """W_t(r) and dW_t/dr, exact (forward-mode autodiff of the reference code)."""
+        return torch.func.jvp(lambda x: tuple(self._exact(x, z_a, z_b)), (r,), (torch.ones_like(r),))
 
-    def _error(self, tables: List[Tensor], n: int, z_a: int, z_b: int) -> float:
-        h = self.r_max / n
-        worst = 0.0
-        for u in (0.25, 0.5, 0.75):
-            r = (torch.arange(n, dtype=torch.float64) + u) * h
-            for table, exact in zip(tables, self._exact(r, z_a, z_b)):
-                interpolated = table[:, 0] + u * (table[:, 1] + u * (table[:, 2] + u * table[:, 3]))
-                scale = float(exact.abs().max().clamp_min(1e-300))
-                worst = max(worst, float((interpolated - exact).abs().max()) / scale)
+    def _fit(self, z_a: int, z_b: int) -> Tuple[Tensor, List[Tensor], float]:
+        """Knots ``[n+1]`` (Å), per-interaction coefficient tables ``[n, 4, P*C]`` and the reached error."""
+        knots = torch.linspace(0.0, self.r_max, FIRST_INTERVALS + 1, dtype=torch.float64)
+        for refinement in range(MAX_REFINEMENTS + 1):
+            # The Bessel features sin(w r)/r are even in r with a finite limit at 0: take knot 0 just off zero.
+            at = knots.clone()
+            at[0] = 1e-6 * float(knots[1])
+            values, slopes = self._values_and_slopes(at, z_a, z_b)
+            width = (knots[1:] - knots[:-1]).unsqueeze(-1)
+            tables = []
+            for f, df in zip(values, slopes):
+                f0, f1, d0, d1 = f[:-1], f[1:], width * df[:-1], width * df[1:]
+                tables.append(torch.stack([f0, d0, 3 * (f1 - f0) - 2 * d0 - d1, 2 * (f0 - f1) + d0 + d1], dim=1))
+            error = torch.where(knots[1:] > SHORT_RANGE, self._interval_errors(knots, tables, z_a, z_b), 0.0)
+            bad = error > self.tolerance
+            if not bool(bad.any()) or refinement == MAX_REFINEMENTS:
+                return knots, tables, float(error.max())
+            middles = 0.5 * (knots[:-1] + knots[1:])[bad]
+            knots = torch.sort(torch.cat([knots, middles])).values
+        raise AssertionError("unreachable")
+
+    def _interval_errors(self, knots: Tensor, tables: List[Tensor], z_a: int, z_b: int) -> Tensor:
+        """Per interval: the largest error at u = 1/4, 1/2, 3/4 of the values (relative to max |W|) and of the
+        slopes (relative to max |dW/dr|: forces come from them), over all outputs of all interactions."""
+        width = knots[1:] - knots[:-1]
+        probes = [knots[:-1] + u * width for u in _PROBES]
+        exact = [self._values_and_slopes(r, z_a, z_b) for r in probes]
+        worst = torch.zeros_like(width)
+        for layer, c in enumerate(tables):
+            value_scale = max(float(e[0][layer].abs().max()) for e in exact) or 1.0
+            slope_scale = max(float(e[1][layer].abs().max()) for e in exact) or 1.0
+            for u, (values, slopes) in zip(_PROBES, exact):
+                interpolated = c[:, 0] + u * (c[:, 1] + u * (c[:, 2] + u * c[:, 3]))
+                derivative = (c[:, 1] + u * (2 * c[:, 2] + 3 * u * c[:, 3])) / width.unsqueeze(-1)
+                worst = torch.maximum(worst, (interpolated - values[layer]).abs().amax(1) / value_scale)
+                worst = torch.maximum(worst, (derivative - slopes[layer]).abs().amax(1) / slope_scale)
         return worst
 
     def _add_slot(self, z_a: int, z_b: int) -> None:
-        n = FIRST_INTERVALS
         with torch.no_grad():
-            while True:
-                tables = self._coefficients(n, z_a, z_b)
-                error = self._error(tables, n, z_a, z_b)
-                if error <= self.tolerance or n >= MAX_INTERVALS:
-                    break
-                n *= 2
+            knots, tables, error = self._fit(z_a, z_b)
+        n = knots.shape[0] - 1
         if error > self.tolerance:
             logger.warning("mace-ase: radial spline for Z=(%d, %d) reached only %.1e relative error with %d "
                            "intervals (asked %.1e)", z_a, z_b, error, n, self.tolerance)
         slot = len(self.intervals)
+        first = int(self._last[-1]) + 1 if slot else 0
         self.slots[(z_a, z_b)] = slot
         self.intervals.append(n)
         self.errors.append(error)
-        rows = int(self._offset[-1] + self.intervals[-2]) if slot else 0
-        self._offset = torch.cat([self._offset, torch.tensor([rows], device=self.device)])
-        self._inv_h = torch.cat([self._inv_h, torch.tensor([n / self.r_max], dtype=self.dtype, device=self.device)])
-        self._last = torch.cat([self._last, torch.tensor([n - 1], device=self.device)])
-        self.tables = [torch.cat([old, new.to(device=self.device, dtype=self.dtype)]).contiguous()
+        device = self.device
+        self._keys = torch.cat([self._keys, (knots + slot * (self.r_max + 1.0)).to(device)])
+        self._start = torch.cat([self._start, knots[:-1].to(device)])
+        self._inv_width = torch.cat([self._inv_width, (1.0 / (knots[1:] - knots[:-1])).to(device, self.dtype)])
+        self._first = torch.cat([self._first, torch.tensor([first], device=device)])
+        self._last = torch.cat([self._last, torch.tensor([first + n - 1], device=device)])
+        self.tables = [torch.cat([old, new.to(device=device, dtype=self.dtype)]).contiguous()
                        for old, new in zip(self.tables, tables)]
-        megabytes = sum(t.numel() * t.element_size() for t in tables) / 2**20
-        logger.info("mace-ase: radial spline %s: %d intervals, max relative error %.1e, %.1f MB",
-                    f"Z=({z_a}, {z_b})" if self.per_pair else "(all pairs)", n, error, megabytes)
+        megabytes = sum(t.numel() * t.element_size() for t in tables) * (
+            torch.finfo(self.dtype).bits / 64) / 2**20
+        logger.info("mace-ase: radial spline %s: %d intervals (%.4f-%.3f Å wide), max relative error %.1e, %.1f MB",
+                    f"Z=({z_a}, {z_b})" if self.per_pair else "(all pairs)", n,
+                    float((knots[1:] - knots[:-1]).min()), float((knots[1:] - knots[:-1]).max()), error, megabytes)
 
     # -- evaluating ----------------------------------------------------------------------------------------------
 
@@ -154,11 +181,14 @@ class RadialSpline:
             if not self.slots:
                 self._add_slot(0, 0)
             slot = torch.zeros_like(z_sender)
-        t = lengths.view(-1) * self._inv_h[slot]
-        # padding and r >= r_max edges are inactive (zero envelope): any interval will do for them
-        index = torch.minimum(t.detach().floor().to(torch.int64).clamp_min(0), self._last[slot])
-        u = (t - index.to(t.dtype)).unsqueeze(-1)
-        return u, self._offset[slot] + index
+        r = lengths.view(-1)
+        key = r.detach().to(torch.float64) + slot.to(torch.float64) * (self.r_max + 1.0)
+        # knot index -> interval row: slot s has one knot more than intervals, so subtract s; padding and
+        # r >= r_max edges are inactive (zero envelope), any row of their slot will do for them
+        row = torch.searchsorted(self._keys, key, right=True) - 1 - slot
+        row = torch.minimum(torch.maximum(row, self._first[slot]), self._last[slot])
+        u = ((r - self._start[row].to(r.dtype)) * self._inv_width[row].to(r.dtype)).unsqueeze(-1)
+        return u, row
 
     def weights(self, layer: int, u: Tensor, interval: Tensor) -> Tensor:
         """W of interaction ``layer`` for edges at ``(u, interval)`` with torch ops: ``[E, P*C]``, differentiable
@@ -167,7 +197,7 @@ class RadialSpline:
         return c[:, 0] + u * (c[:, 1] + u * (c[:, 2] + u * c[:, 3]))
 
 
-def enable_spline(model: Any, tolerance: float = DEFAULT_TOLERANCE) -> RadialSpline:
+def enable_spline(model: Any, tolerance: float | None = None) -> RadialSpline:
     """Switch ``model`` (a :class:`~mace_ase.model.mace.MACE`) to splined radial weights (approximate, opt-in).
 
     Needs the fused convolution (:mod:`mace_ase.model.fused`), which this switches on. Returns the spline object
@@ -179,7 +209,7 @@ def enable_spline(model: Any, tolerance: float = DEFAULT_TOLERANCE) -> RadialSpl
         fused.enable_fused(model)
     if not any(getattr(t, "fused", False) for t in model.interactions):  # the self-check failed: reference path
         fused._set(model, True, False)
-    spline = RadialSpline(model, tolerance)
+    spline = RadialSpline(model, DEFAULT_TOLERANCE if tolerance is None else tolerance)
     model.radial_spline = spline
     model.use_radial_spline = True
     for index, interaction in enumerate(model.interactions):

@@ -1,0 +1,205 @@
+"""The opt-in spline mode (``radial="spline"``): close to mace-torch, conservative, and never on by accident."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+from conftest import fixture_model
+from mace_ase import evaluate
+from mace_ase.calculator import MACECalculator
+from mace_ase.model import fused, radial_spline
+from mace_ase.model.build import load_model
+from test_parity import all_cases, model_path, reference_atoms
+
+# The stated accuracy of the spline mode (README, docs/ARCHITECTURE.md), against mace-torch in float64.
+ENERGY_PER_ATOM = 1e-6  # eV/atom
+FORCE = 1e-5  # eV/Å
+STRESS = 1e-6  # eV/Å³ (0.16 MPa)
+
+_SPLINE_CALCULATORS: dict = {}
+
+
+def _spline_calculator(file_name: str, model: str, head: str | None) -> MACECalculator:
+    key = (file_name, model, head)
+    if key not in _SPLINE_CALCULATORS:
+        _SPLINE_CALCULATORS[key] = MACECalculator(model_paths=str(model_path(file_name, model)), device="cpu",
+                                                  default_dtype="float64", head=head, radial="spline")
+    return _SPLINE_CALCULATORS[key]
+
+
+def _float64_cases():
+    return [pytest.param(f, m, c, id=f"{m}-{c['structure']}-{c['head']}")
+            for f, m, c in all_cases() if c["dtype"] == "float64"]
+
+
+@pytest.mark.parametrize("file_name,model,case", _float64_cases())
+def test_spline_mode_is_within_the_stated_accuracy_of_mace_torch(file_name: str, model: str, case: dict) -> None:
+    atoms = reference_atoms(file_name, case["structure"])
+    atoms.calc = _spline_calculator(file_name, model, case["head"])
+    assert atoms.calc.models[0].use_radial_spline and atoms.calc.parameters["radial"] == "spline"
+    n_atoms = len(atoms)
+    assert abs(atoms.get_potential_energy() - case["energy"]) / n_atoms <= ENERGY_PER_ATOM
+    assert np.abs(atoms.get_forces() - np.array(case["forces"])).max(initial=0.0) <= FORCE
+    assert np.abs(atoms.calc.results["energies"] - np.array(case["energies"])).max() <= ENERGY_PER_ATOM
+    if case["stress"] is not None:
+        assert np.abs(atoms.get_stress() - np.array(case["stress"])).max() <= STRESS
+
+
+def _pair(dtype: str = "float64", name: str = "mpa0_density", radial: str = "spline") -> MACECalculator:
+    return MACECalculator(model_paths=str(fixture_model(name)), device="cpu", default_dtype=dtype, radial=radial)
+
+
+def _rattled_cell():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.numbers[::3] = 8
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def test_spline_differs_from_exact_but_only_slightly() -> None:
+    """The mode really changes the computation (a test of the switch), by far less than the stated accuracy."""
+    atoms = _rattled_cell()
+    exact, spline = _pair(radial="exact"), _pair()
+    e_exact = exact.get_potential_energy(atoms)
+    e_spline = spline.get_potential_energy(atoms)
+    assert e_spline != e_exact
+    assert abs(e_spline - e_exact) / len(atoms) < 1e-8
+    assert np.abs(spline.get_forces(atoms) - exact.get_forces(atoms)).max() < 1e-6
+
+
+def test_forces_and_stress_are_derivatives_of_the_splined_energy() -> None:
+    """Central differences of the spline-mode energy (the interpolant is C1, so they converge)."""
+    atoms = _rattled_cell()
+    calc = _pair()
+    atoms.calc = calc
+    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False)
+    step = 1e-4
+    for atom, axis in ((0, 0), (5, 2), (11, 1)):
+        energies = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * step
+            energies.append(calc.get_potential_energy(moved))
+        assert abs(-(energies[0] - energies[1]) / (2 * step) - forces[atom, axis]) < 1e-7
+    strained = []
+    for sign in (1, -1):
+        moved = atoms.copy()
+        deformation = np.eye(3)
+        deformation[0, 1] += sign * step
+        moved.set_cell(atoms.cell @ deformation, scale_atoms=True)
+        strained.append(calc.get_potential_energy(moved))
+    numeric = (strained[0] - strained[1]) / (2 * step) / atoms.get_volume()
+    assert abs(numeric - stress[0, 1]) < 1e-9  # dE = V sigma : grad(u), grad(u) with one (0, 1) entry
+
+
+def test_kernel_and_torch_evaluation_of_the_tables_agree(monkeypatch) -> None:
+    """The compiled kernel evaluates the spline on the fly; CUDA and compiler-less machines use torch ops."""
+    model = load_model(fixture_model("mpa0_density_l1"), device="cpu", dtype="float64", radial="spline")
+    atoms = _rattled_cell()
+    calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64", radial="spline")
+    assert calc.models[0] is model
+    graph = calc._graph(atoms)
+    kernel = model(**graph, head=0, compute_stress=True)
+    monkeypatch.setattr(fused, "CHUNK_EDGES", 64)
+    fused._set(model, True, False)  # chunked torch path, same tables
+    torch_path = model(**graph, head=0, compute_stress=True)
+    for key in ("energy", "forces", "stress"):
+        assert torch.allclose(kernel[key], torch_path[key], rtol=0, atol=1e-12), key
+    assert kernel["forces"].abs().max() > 1e-3
+
+
+def test_tables_are_made_per_element_pair_when_first_met() -> None:
+    """Agnesi models depend on the pair's covalent radii: one table per unordered pair, built lazily."""
+    calc = _pair()
+    spline = calc.models[0].radial_spline
+    assert spline.per_pair and not spline.slots
+    calc.get_potential_energy(bulk("Cu", "fcc", a=3.6))
+    assert set(spline.slots) == {(29, 29)}
+    calc.get_potential_energy(_rattled_cell())
+    assert set(spline.slots) == {(29, 29), (8, 29), (8, 8)}
+    assert all(error <= spline.tolerance for error in spline.errors)
+    plain = _pair(name="mp0a_medium")  # no Agnesi: one table for all pairs
+    plain.get_potential_energy(_rattled_cell())
+    assert list(plain.models[0].radial_spline.slots) == [(0, 0)]
+
+
+def test_a_tighter_tolerance_gives_a_finer_grid_and_a_smaller_error() -> None:
+    atoms = _rattled_cell()
+    exact = _pair(radial="exact").get_potential_energy(atoms)
+    results = []
+    for tolerance in (1e-4, 1e-8):
+        model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64")
+        spline = radial_spline.enable_spline(model, tolerance=tolerance)
+        calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64", radial="spline")
+        error = abs(calc.get_potential_energy(atoms) - exact)
+        results.append((max(spline.intervals), max(spline.errors), error))
+    (coarse_n, coarse_fit, coarse_error), (fine_n, fine_fit, fine_error) = results
+    assert fine_n > coarse_n and fine_fit < coarse_fit <= 1e-4 and fine_fit <= 1e-8
+    assert fine_error < coarse_error
+
+
+def test_bad_radial_option_is_refused_before_any_work(tmp_path) -> None:
+    with pytest.raises(ValueError, match="radial must be one of 'exact', 'spline'"):
+        MACECalculator(model_paths=str(fixture_model("mp0a_small")), radial="cubic")
+    with pytest.raises(ValueError, match="radial must be one of"):  # not FileNotFoundError: checked first
+        load_model(tmp_path / "missing.model", radial="Spline")
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        radial_spline.enable_spline(load_model(fixture_model("mp0a_small")), tolerance=0.0)
+
+
+def test_a_module_passed_in_is_not_switched_in_place() -> None:
+    module = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64")
+    calc = MACECalculator(model_paths=module, device="cpu", default_dtype="float64", radial="spline")
+    assert not module.use_radial_spline and calc.models[0].use_radial_spline
+    back = MACECalculator(model_paths=calc.models[0], device="cpu", default_dtype="float64")  # exact wanted
+    assert not back.models[0].use_radial_spline and calc.models[0].use_radial_spline
+    atoms = _rattled_cell()
+    assert back.get_potential_energy(atoms) == MACECalculator(model_paths=module, device="cpu").get_potential_energy(
+        atoms)
+
+
+def test_pickle_and_deepcopy_keep_the_mode() -> None:
+    calc = _pair(name="mp0a_small")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    energy = calc.get_potential_energy(atoms)
+    for clone in (pickle.loads(pickle.dumps(calc)), copy.deepcopy(calc)):
+        assert clone.radial == "spline" and clone.models[0].use_radial_spline
+        assert clone.get_potential_energy(atoms) == pytest.approx(energy, abs=1e-12)
+
+
+def test_batched_evaluation_in_spline_mode_matches_the_calculator() -> None:
+    structures = [_rattled_cell(), molecule("H2O"), bulk("Cu", "fcc", a=3.6).repeat(2)]
+    batched = evaluate(structures, model=str(fixture_model("mpa0_density")), dtype="float64", radial="spline",
+                       device="cpu")
+    calc = _pair()
+    for index, atoms in enumerate(structures):
+        assert batched.energies[index] == pytest.approx(calc.get_potential_energy(atoms), abs=1e-10)
+        assert np.abs(batched.forces[index] - calc.get_forces(atoms)).max() < 1e-10
+
+
+def test_torchscript_export_of_a_spline_model_is_exact(tmp_path) -> None:
+    """Scripted code cannot call the tables: an exported file always computes the exact MLP (documented)."""
+    from mace_ase.model.build import export_torchscript
+
+    model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", radial="spline")
+    exact = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64")
+    export_torchscript(model, tmp_path / "m.pt")
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    graph = MACECalculator(model_paths=exact, device="cpu")._graph(_rattled_cell())
+    assert torch.allclose(scripted(**graph)["energy"], exact(**graph)["energy"], rtol=0, atol=1e-12)
+
+
+def test_hessian_in_spline_mode_is_close_to_exact() -> None:
+    """Second derivatives of a cubic interpolant are only O(h^2) accurate: ~1e-4 relative (documented: use the
+    exact mode for phonons and Hessians that need more)."""
+    atoms = molecule("H2O")
+    spline = _pair(name="off_like").get_hessian(atoms)
+    exact = _pair(name="off_like", radial="exact").get_hessian(atoms)
+    assert np.allclose(spline, spline.T, atol=1e-8)
+    assert np.abs(spline - exact).max() < 5e-4 * (1 + np.abs(exact).max())
