@@ -40,7 +40,7 @@ def _current_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "mace-torch", "symmetrix"], required=True)
+    parser.add_argument("--impl", choices=["ours", "ours-spline", "mace-torch", "symmetrix"], required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
@@ -52,10 +52,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    if args.impl == "ours":
+    if args.impl in ("ours", "ours-spline"):
         from mace_ase.calculator import MACECalculator
 
-        calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype)
+        calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype,
+                              radial="spline" if args.impl == "ours-spline" else "exact")
     elif args.impl == "symmetrix":
         import symmetrix.jit
         from symmetrix import Symmetrix

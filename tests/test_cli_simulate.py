@@ -88,3 +88,17 @@ def test_registered_in_main_parser():
     parser = cli.build_parser()
     args = parser.parse_args(["relax", "x.xyz", "-o", "y.xyz"])
     assert args.func is simulate._relax
+
+
+def test_radial_spline_flag_reaches_the_calculator(tmp_path, capsys):
+    model = fixture_model("mp0a_small")
+    path = tmp_path / "nacl.xyz"
+    out = {}
+    write(path, bulk("NaCl", "rocksalt", a=5.64))
+    for radial in ("exact", "spline"):
+        assert run_cli("eval", path, "--model", model, "--device", "cpu", "--radial", radial, "-o",
+                       tmp_path / f"{radial}.extxyz") == 0
+        out[radial] = read(tmp_path / f"{radial}.extxyz").get_potential_energy()
+    assert out["spline"] != out["exact"] and out["spline"] == pytest.approx(out["exact"], abs=1e-6)
+    calc = simulate.load_calculator(str(model), "cpu", "float64", radial="spline")
+    assert calc.parameters["radial"] == "spline" and calc.models[0].use_radial_spline

@@ -217,6 +217,16 @@ def test_export_writes_a_plain_pickle_of_our_class(tmp_path) -> None:
         lammps_input_lines(back, path, ["Cu", "H"])
 
 
+def test_export_keeps_the_radial_mode(tmp_path) -> None:
+    unified = export_lammps(EMT_DEMO, tmp_path / "s.mliap.pkl", radial="spline")
+    back = load_lammps_model(tmp_path / "s.mliap.pkl")
+    assert back.radial == "spline" and back.model().use_radial_spline
+    assert not export_lammps(EMT_DEMO, tmp_path / "e.mliap.pkl").model().use_radial_spline
+    with pytest.raises(ValueError, match="radial must be one of"):
+        export_lammps(EMT_DEMO, tmp_path / "x.mliap.pkl", radial="linear")
+    assert unified.radial == "spline"
+
+
 def test_rank_graph_with_ghosts_equals_calculator(tmp_path) -> None:
     """Feed MACEUnified.evaluate what one rank gets from LAMMPS: local atoms, ghosts to T*r_max, a ghost-inclusive
     full pair list (rij = x_j - x_i); local energies and the pair forces folded onto owners give ASE's answers."""
