@@ -44,6 +44,7 @@ DEFAULT_TOLERANCE = 1e-8  # interpolation error / max |W| and / max |dW/dr|; wha
 FIRST_INTERVALS = 32  # uniform start, then intervals that miss the tolerance are halved
 MAX_REFINEMENTS = 12  # smallest interval r_max / (32 * 2^12), ~0.05 mÅ: far below any need
 RADIAL_MODES = ("exact", "spline")
+DEGREE = 3  # 3: cubic Hermite (values and slopes at the knots); 5: quintic Hermite (also the curvatures)
 _PROBES = (0.25, 0.5, 0.75)  # where each interval's interpolation error is measured
 # Below this length (Å; the calculator's default min_distance) the tolerance is not enforced: there the slope of
 # sin(w r)/r is dominated by rounding (in the exact mode too), and no physical structure has such edges.
@@ -73,8 +74,10 @@ class RadialSpline:
         self.slots: Dict[Tuple[int, int], int] = {}  # (Z_a <= Z_b), or (0, 0) when W does not depend on elements
         self.intervals: List[int] = []  # per slot
         self.errors: List[float] = []  # per slot: reached max interpolation error (relative)
-        self.tables: List[Tensor] = [torch.empty(0, 4, m.weights[-1].shape[1], dtype=self.dtype, device=self.device)
-                                     for m in self._mlps]  # per interaction: [rows of all slots, 4, P*C]
+        self.degree = DEGREE
+        self.tables: List[Tensor] = [torch.empty(0, self.degree + 1, m.weights[-1].shape[1], dtype=self.dtype,
+                                                 device=self.device)
+                                     for m in self._mlps]  # per interaction: [rows of all slots, degree + 1, P*C]
         # Lookup: slot s's knots shifted by s * (r_max + 1) Å, concatenated: one sorted array for all slots.
         self._keys = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._start = torch.zeros(0, dtype=torch.float64, device=self.device)  # per row: first r of the interval
@@ -92,13 +95,25 @@ class RadialSpline:
         feats, envelope = self._radial(r.unsqueeze(-1), z_s, z_r)
         out = []
         for mlp, outside in zip(self._mlps, self._envelope_outside):
-            w = mlp(feats)
+            w = feats
+            for index, weight in enumerate(mlp.weights):
+                w = w @ weight
+                if index < mlp.num_layers - 1:  # SiLU written out: nested forward-mode AD (quintic) needs it
+                    w = w / (1.0 + torch.exp(-w)) * mlp.activation_scale
             out.append(w * envelope if outside else w)
         return out
 
     def _values_and_slopes(self, r: Tensor, z_a: int, z_b: int) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
         """W_t(r) and dW_t/dr, exact (forward-mode autodiff of the reference code)."""
         return torch.func.jvp(lambda x: tuple(self._exact(x, z_a, z_b)), (r,), (torch.ones_like(r),))
+
+    def _derivatives(self, r: Tensor, z_a: int, z_b: int) -> List[Tuple[Tensor, ...]]:
+        """[W_t(r), dW_t/dr] (cubic) or [W_t, dW_t/dr, d2W_t/dr2] (quintic), each a tuple over interactions."""
+        if self.degree == 3:
+            return list(self._values_and_slopes(r, z_a, z_b))
+        (values, slopes), (_, curvatures) = torch.func.jvp(lambda x: self._values_and_slopes(x, z_a, z_b), (r,),
+                                                           (torch.ones_like(r),))
+        return [values, slopes, curvatures]
 
     def _fit(self, z_a: int, z_b: int) -> Tuple[Tensor, List[Tensor], float]:
         """Knots ``[n+1]`` (Å), per-interaction coefficient tables ``[n, 4, P*C]`` and the reached error."""
@@ -107,12 +122,8 @@ class RadialSpline:
             # The Bessel features sin(w r)/r are even in r with a finite limit at 0: take knot 0 just off zero.
             at = knots.clone()
             at[0] = 1e-6 * float(knots[1])
-            values, slopes = self._values_and_slopes(at, z_a, z_b)
             width = (knots[1:] - knots[:-1]).unsqueeze(-1)
-            tables = []
-            for f, df in zip(values, slopes):
-                f0, f1, d0, d1 = f[:-1], f[1:], width * df[:-1], width * df[1:]
-                tables.append(torch.stack([f0, d0, 3 * (f1 - f0) - 2 * d0 - d1, 2 * (f0 - f1) + d0 + d1], dim=1))
+            tables = [hermite_coefficients(width, *per_layer) for per_layer in zip(*self._derivatives(at, z_a, z_b))]
             error = torch.where(knots[1:] > SHORT_RANGE, self._interval_errors(knots, tables, z_a, z_b), 0.0)
             bad = error > self.tolerance
             if not bool(bad.any()) or refinement == MAX_REFINEMENTS:
@@ -132,8 +143,8 @@ class RadialSpline:
             value_scale = max(float(e[0][layer].abs().max()) for e in exact) or 1.0
             slope_scale = max(float(e[1][layer].abs().max()) for e in exact) or 1.0
             for u, (values, slopes) in zip(_PROBES, exact):
-                interpolated = c[:, 0] + u * (c[:, 1] + u * (c[:, 2] + u * c[:, 3]))
-                derivative = (c[:, 1] + u * (2 * c[:, 2] + 3 * u * c[:, 3])) / width.unsqueeze(-1)
+                interpolated = polynomial(c, u)
+                derivative = polynomial_slope(c, u) / width.unsqueeze(-1)
                 worst = torch.maximum(worst, (interpolated - values[layer]).abs().amax(1) / value_scale)
                 worst = torch.maximum(worst, (derivative - slopes[layer]).abs().amax(1) / slope_scale)
         return worst
@@ -193,8 +204,43 @@ class RadialSpline:
     def weights(self, layer: int, u: Tensor, interval: Tensor) -> Tensor:
         """W of interaction ``layer`` for edges at ``(u, interval)`` with torch ops: ``[E, P*C]``, differentiable
         in ``u`` (the kernel-free path; inactive edges must be masked by the caller)."""
-        c = self.tables[layer].index_select(0, interval)  # [E, 4, P*C]
-        return c[:, 0] + u * (c[:, 1] + u * (c[:, 2] + u * c[:, 3]))
+        return polynomial(self.tables[layer].index_select(0, interval), u)  # from [E, degree + 1, P*C]
+
+
+def hermite_coefficients(width: Tensor, f: Tensor, df: Tensor, d2f: Tensor | None = None) -> Tensor:
+    """Coefficients ``[n, degree + 1, P*C]`` in u of the Hermite interpolant on each interval (Å wide) from the
+    knot values ``f``, slopes ``df`` (per Å) and, for the quintic, curvatures ``d2f`` (``[n + 1, P*C]`` each).
+
+    Cubic: matches f and df at both ends. Quintic: also d2f, ``p(u) = sum_k a_k u^k`` with a0 = f0, a1 = w f0',
+    a2 = w^2 f0''/2 and, from ``A = f1 - a0 - a1 - a2``, ``B = w f1' - a1 - 2 a2``, ``G = w^2 f1'' - 2 a2``:
+    a3 = 10 A - 4 B + G/2, a4 = -15 A + 7 B - G, a5 = 6 A - 3 B + G/2.
+    """
+    f0, f1, d0, d1 = f[:-1], f[1:], width * df[:-1], width * df[1:]
+    if d2f is None:
+        return torch.stack([f0, d0, 3 * (f1 - f0) - 2 * d0 - d1, 2 * (f0 - f1) + d0 + d1], dim=1)
+    half_s0 = 0.5 * width * width * d2f[:-1]
+    a = f1 - f0 - d0 - half_s0
+    b = d1 - d0 - 2 * half_s0
+    g = width * width * d2f[1:] - 2 * half_s0
+    return torch.stack([f0, d0, half_s0, 10 * a - 4 * b + 0.5 * g, -15 * a + 7 * b - g, 6 * a - 3 * b + 0.5 * g],
+                       dim=1)
+
+
+def polynomial(c: Tensor, u: Tensor | float) -> Tensor:
+    """``sum_k c[:, k] u^k`` by Horner's rule (``c`` ``[n, degree + 1, P*C]``)."""
+    value = c[:, -1]
+    for k in range(c.shape[1] - 2, -1, -1):
+        value = c[:, k] + u * value
+    return value
+
+
+def polynomial_slope(c: Tensor, u: Tensor | float) -> Tensor:
+    """``d/du sum_k c[:, k] u^k``."""
+    degree = c.shape[1] - 1
+    slope = degree * c[:, degree]
+    for k in range(degree - 1, 0, -1):
+        slope = k * c[:, k] + u * slope
+    return slope
 
 
 def enable_spline(model: Any, tolerance: float | None = None) -> RadialSpline:
