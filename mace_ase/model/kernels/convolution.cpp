@@ -46,6 +46,27 @@ struct Simd {
   static constexpr int kLanes = kVectorBytes / sizeof(T);
 };
 
+// Sum of the lanes of `Bytes` bytes of T at p, by halving (extracts and vector adds, no long scalar chain).
+template <typename T, int Bytes>
+T lane_sum(const void* p) {
+  if constexpr (Bytes == sizeof(T)) {
+    T t;
+    std::memcpy(&t, p, sizeof(T));
+    return t;
+  } else if constexpr (Bytes == 2 * sizeof(T)) {
+    T t[2];
+    std::memcpy(t, p, Bytes);
+    return t[0] + t[1];
+  } else {
+    typedef T H __attribute__((vector_size(Bytes / 2)));
+    H lo, hi;
+    std::memcpy(&lo, p, Bytes / 2);
+    std::memcpy(&hi, static_cast<const char*>(p) + Bytes / 2, Bytes / 2);
+    const H s = lo + hi;
+    return lane_sum<T, Bytes / 2>(&s);
+  }
+}
+
 template <typename T, typename V, int R>
 struct Block {
   static constexpr int kLanes = sizeof(V) / sizeof(T);
@@ -83,6 +104,23 @@ struct Block {
     for (int r = 0; r < R; ++r) b.v[r] = v[r] * o.v[r];
     return b;
   }
+  // sum over the vectors of this * o (a tree), added to (or, with `first`, stored into) the vector at out
+  void dot_into(const Block& o, T* out, bool first) const {
+    V s[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) s[r] = v[r] * o.v[r];
+#pragma GCC unroll 8
+    for (int h = R / 2; h > 0; h /= 2) {
+#pragma GCC unroll 8
+      for (int r = 0; r < h; ++r) s[r] += s[r + h];
+    }
+    if (!first) {
+      V previous;
+      std::memcpy(&previous, out, sizeof(V));
+      s[0] += previous;
+    }
+    std::memcpy(out, &s[0], sizeof(V));
+  }
   // sum of all channels (a tree over the vectors, then over the lanes)
   T sum() const {
     V s[R];
@@ -93,21 +131,15 @@ struct Block {
 #pragma GCC unroll 8
       for (int r = 0; r < h; ++r) s[r] += s[r + h];
     }
-    T lanes[kLanes];
-    std::memcpy(lanes, &s[0], sizeof(V));
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int l = 0; l < kLanes; ++l) total += lanes[l];
-    return total;
+    return lane_sum<T, sizeof(V)>(&s[0]);
   }
-  T dot(const Block& o) const { return (*this * o).sum(); }
 };
 
 // The channel blocks of C channels: (first channel, vectors per block; 0 = one channel)
-std::vector<std::pair<int64_t, int>> channel_blocks(int64_t C, int lanes) {
+std::vector<std::pair<int64_t, int>> channel_blocks(int64_t C, int lanes, int max_vectors = kMaxVectors) {
   std::vector<std::pair<int64_t, int>> blocks;
   int64_t c = 0;
-  for (int r = kMaxVectors; r >= 1; r /= 2) {
+  for (int r = max_vectors; r >= 1; r /= 2) {
     while (C - c >= r * lanes) {
       blocks.emplace_back(c, r);
       c += r * lanes;
@@ -180,14 +212,17 @@ struct Coupling {
   std::vector<int64_t> p, a;                 // [n_pa]: radial weight row and sender component of each pa vector
   std::vector<int64_t> term_start, term_m;   // entries of pair j: term_start[j] .. term_start[j+1]
   std::vector<scalar_t> term_value;          // their coefficients, in the model's precision
+  int64_t S = 0;
+  int64_t stride = 0;                        // n_pair rounded up to 16: the row length of dense, G and dot
+  std::vector<scalar_t> dense;               // [S, stride]: the same coefficients as a dense matrix (mostly zeros)
   // forward: output rows b that receive something, with their (pa, pair) entries
   std::vector<int64_t> row_b, row_start, row_q, row_j;
   // backward: each pa vector q with its (pair, output row) entries
   std::vector<int64_t> q_start, q_j, q_b;
 
   Coupling(const int64_t* pa, int64_t n_pa_, const int64_t* pairs, int64_t n_pair_, const int64_t* terms,
-           const double* values, int64_t D_out)
-      : n_pa(n_pa_), n_pair(n_pair_) {
+           const double* values, int64_t D_out, int64_t S_)
+      : n_pa(n_pa_), n_pair(n_pair_), S(S_), stride((n_pair_ + 15) / 16 * 16), dense(S_ * stride, scalar_t(0)) {
     for (int64_t q = 0; q < n_pa; ++q) {
       p.push_back(pa[2 * q]);
       a.push_back(pa[2 * q + 1]);
@@ -196,6 +231,12 @@ struct Coupling {
     for (int64_t u = pairs[2]; u < pairs[3 * n_pair + 2]; ++u) {
       term_m.push_back(terms[u]);
       term_value.push_back(static_cast<scalar_t>(values[u]));
+    }
+    for (int64_t j = 0; j < n_pair; ++j) {
+      for (int64_t u = term_start[j]; u < term_start[j + 1]; ++u) {
+        TORCH_CHECK(term_m[u] >= 0 && term_m[u] < S, "coupling table out of range");
+        dense[term_m[u] * stride + j] += term_value[u];
+      }
     }
     std::vector<std::vector<int64_t>> by_b(D_out), by_q(n_pa);
     for (int64_t j = 0; j < n_pair; ++j) {
@@ -224,42 +265,80 @@ struct Coupling {
     q_start.push_back(q_j.size());
   }
 
-  // G[j] = sum of value * Y[m] over the entries of pair j: the coupling coefficients of one edge
+  // G[j] = sum_m dense[m, j] Y[m]: the coupling coefficients of one edge (a small dense matrix-vector product,
+  // vectorised over 16 pairs at a time with the accumulators in registers). G has `stride` entries.
   void coefficients(const scalar_t* y, scalar_t* G) const {
-    for (int64_t j = 0; j < n_pair; ++j) {
-      scalar_t coef = 0;
-      for (int64_t u = term_start[j]; u < term_start[j + 1]; ++u) coef += term_value[u] * y[term_m[u]];
-      G[j] = coef;
+    using B = Block<scalar_t, typename Simd<scalar_t>::V, 16 / Simd<scalar_t>::kLanes>;
+    for (int64_t j = 0; j < stride; j += 16) {
+      B acc = B::zero();
+      for (int64_t m = 0; m < S; ++m) acc.add_scaled(y[m], B::load(dense.data() + m * stride + j));
+      acc.store(G + j);
     }
+  }
+
+  // dL/dY[m] = sum of value * dot_j over the entries (j, m), with dot_j given as the lanes of the SIMD vector
+  // dot + j * L (L lanes): accumulated as vectors in work[S * L], one lane sum per m at the end.
+  void coefficients_backward(const scalar_t* dot, scalar_t* work, scalar_t* gy) const {
+    using V = typename Simd<scalar_t>::V;
+    using B = Block<scalar_t, V, 1>;
+    constexpr int64_t L = Simd<scalar_t>::kLanes;
+    for (int64_t m = 0; m < S; ++m) B::zero().store(work + m * L);
+    for (int64_t j = 0; j < n_pair; ++j) {
+      const B d = B::load(dot + j * L);
+      for (int64_t u = term_start[j]; u < term_start[j + 1]; ++u) {
+        B acc = B::load(work + term_m[u] * L);
+        acc.add_scaled(term_value[u], d);
+        acc.store(work + term_m[u] * L);
+      }
+    }
+    for (int64_t m = 0; m < S; ++m) gy[m] = lane_sum<scalar_t, sizeof(V)>(work + m * L);
   }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------------
-// Loop order: receiver r (parallel) > edge k > channel block > output row b > the pairs (pa, b).
+// Loop order: receiver r (parallel) > group of kGroup of its active edges > channel block > output row b > the
+// pairs (pa, b) > the edges of the group.
 // Per edge, the coupling coefficients G_j(Y_e) are computed once (one scalar per pair), and per channel block the
-// weight-times-feature vectors wx_q = W[p_q] * x[a_q] go to a small buffer (n_pa x block width: L1). Each output
-// row block of the receiver (D_out x C: L1, reused by all K edges) is then loaded once into registers, receives
-// sum_j G_j wx_{q_j} over its pairs (one load and one FMA per vector), and is stored once: instead of two loads and
-// a store per FMA when the pairs are walked in table order.
+// weight-times-feature vectors wx_q = W[p_q] * x[a_q] of the group's edges go to a small buffer (kGroup x n_pa x
+// block width: L1). Each output row block of the receiver (D_out x C: L1) is then loaded once into registers,
+// receives sum_j sum_e G_j(e) wx_{q_j}(e) over its pairs and the group's edges (one load and one FMA per vector),
+// and is stored once per group: instead of two loads and a store per FMA when the pairs are walked in table order
+// edge by edge. The last group of a receiver is padded with zero coefficients and zero wx.
+constexpr int kGroup = 2;
+constexpr int kForwardVectors = 8;  // channel blocks of at most 4 vectors: the group's wx rows stay in L1
 
 template <typename scalar_t, typename B>
-void forward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, int64_t e, int64_t P,
-                        int64_t C, int64_t c0, const scalar_t* x_s, const scalar_t* G, scalar_t* o,
-                        scalar_t* w_buffer, scalar_t* wx) {
+void forward_group_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, const int64_t* edges,
+                         int n_edges, int64_t P, int64_t C, int64_t D_in, int64_t c0, const scalar_t* x,
+                         const int64_t* sender, const scalar_t* G, scalar_t* o, scalar_t* w_buffer, scalar_t* wx) {
   constexpr int64_t W = B::kWidth;
-  int64_t stride = 0;
-  const scalar_t* w = radial.template block<B>(e, P, c0, w_buffer, nullptr, stride);
-  for (int64_t q = 0; q < tab.n_pa; ++q) {
-    (B::load(w + tab.p[q] * stride) * B::load(x_s + tab.a[q] * C + c0)).store(wx + q * W);
+  const int64_t n_pa = tab.n_pa;
+  for (int i = 0; i < kGroup; ++i) {
+    scalar_t* wx_i = wx + i * n_pa * W;
+    if (i >= n_edges) {
+      for (int64_t q = 0; q < n_pa; ++q) B::zero().store(wx_i + q * W);
+      continue;
+    }
+    const int64_t e = edges[i];
+    const scalar_t* x_s = x + sender[e] * D_in * C + c0;
+    int64_t stride = 0;
+    const scalar_t* w = radial.template block<B>(e, P, c0, w_buffer, nullptr, stride);
+    for (int64_t q = 0; q < n_pa; ++q) {
+      (B::load(w + tab.p[q] * stride) * B::load(x_s + tab.a[q] * C)).store(wx_i + q * W);
+    }
   }
   const int64_t n_rows = static_cast<int64_t>(tab.row_b.size());
+  const int64_t G_stride = tab.stride;
   for (int64_t i = 0; i < n_rows; ++i) {
     scalar_t* ob = o + tab.row_b[i] * C + c0;
     B acc = B::load(ob);
     for (int64_t s = tab.row_start[i]; s < tab.row_start[i + 1]; ++s) {
-      acc.add_scaled(G[tab.row_j[s]], B::load(wx + tab.row_q[s] * W));
+      const scalar_t* t = wx + tab.row_q[s] * W;
+      const scalar_t* g = G + tab.row_j[s];
+#pragma GCC unroll 4
+      for (int k = 0; k < kGroup; ++k) acc.add_scaled(g[k * G_stride], B::load(t + k * n_pa * W));
     }
     acc.store(ob);
   }
@@ -269,22 +348,32 @@ template <typename scalar_t>
 void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, const scalar_t* x, const int64_t* sender,
                     const bool* active, scalar_t* out, int64_t n_recv, int64_t K, int64_t P, int64_t S,
                     int64_t D_in, int64_t D_out, int64_t C, const Coupling<scalar_t>& tab) {
-  const auto blocks = channel_blocks(C, Simd<scalar_t>::kLanes);
-  const int64_t max_width = kMaxVectors * Simd<scalar_t>::kLanes;
+  const auto blocks = channel_blocks(C, Simd<scalar_t>::kLanes, kForwardVectors);
+  const int64_t max_width = kForwardVectors * Simd<scalar_t>::kLanes;
   at::parallel_for(0, n_recv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> wx(tab.n_pa * max_width), w_buffer(P * max_width), G(tab.n_pair);
+    std::vector<scalar_t> wx(kGroup * tab.n_pa * max_width), w_buffer(P * max_width), G(kGroup * tab.stride);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* o = out + r * D_out * C;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t e = r * K + k;
-        if (!active[e]) continue;
-        tab.coefficients(Y + e * S, G.data());
-        const scalar_t* x_s = x + sender[e] * D_in * C;
+      int64_t k = 0;
+      while (k < K) {
+        int64_t edges[kGroup];
+        int n_edges = 0;
+        for (; k < K && n_edges < kGroup; ++k) {
+          if (active[r * K + k]) edges[n_edges++] = r * K + k;
+        }
+        if (n_edges == 0) break;
+        for (int i = 0; i < kGroup; ++i) {
+          if (i < n_edges) {
+            tab.coefficients(Y + edges[i] * S, G.data() + i * tab.stride);
+          } else {
+            std::fill(G.begin() + i * tab.stride, G.begin() + (i + 1) * tab.stride, scalar_t(0));
+          }
+        }
         for (const auto& channel_block : blocks) {
           const int64_t c0 = channel_block.first;
           dispatch_block<scalar_t>(channel_block.second, [&](auto block) {
-            forward_edge_block<scalar_t, decltype(block)>(tab, radial, e, P, C, c0, x_s, G.data(), o,
-                                                          w_buffer.data(), wx.data());
+            forward_group_block<scalar_t, decltype(block)>(tab, radial, edges, n_edges, P, C, D_in, c0, x, sender,
+                                                           G.data(), o, w_buffer.data(), wx.data());
           });
         }
       }
@@ -307,7 +396,7 @@ void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, con
 template <typename scalar_t, typename B>
 void backward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, int64_t e, int64_t P,
                          int64_t C, int64_t c0, const scalar_t* x_s, const scalar_t* g, const scalar_t* G,
-                         scalar_t* dot, scalar_t* gw_e, scalar_t* gx_e, scalar_t* grad_u, scalar_t* w_buffer,
+                         scalar_t* dot, bool first, scalar_t* gw_e, scalar_t* gx_e, scalar_t* grad_u, scalar_t* w_buffer,
                          scalar_t* dw_buffer, scalar_t* gw_buffer) {
   constexpr int64_t W = B::kWidth;
   const bool spline = radial.table != nullptr;
@@ -329,7 +418,7 @@ void backward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scala
       const int64_t j = tab.q_j[s];
       const B gb = B::load(g + tab.q_b[s] * C + c0);
       acc.add_scaled(G[j], gb);
-      dot[j] += t.dot(gb);
+      t.dot_into(gb, dot + j * Simd<scalar_t>::kLanes, first);
     }
     scalar_t* gx = gx_e + tab.a[q] * C + c0;
     B gx_q = B::load(gx);
@@ -357,7 +446,8 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
   const int64_t max_width = kMaxVectors * Simd<scalar_t>::kLanes;
   const bool spline = radial.table != nullptr;
   at::parallel_for(0, n_recv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> G(tab.n_pair), dot(tab.n_pair);
+    constexpr int64_t L = Simd<scalar_t>::kLanes;
+    std::vector<scalar_t> G(tab.stride), dot(tab.n_pair * L), gy_work(S * L);
     std::vector<scalar_t> w_buffer(spline ? P * max_width : 0), dw_buffer(spline ? P * max_width : 0),
         gw_buffer(spline ? P * max_width : 0);
     for (int64_t r = begin; r < end; ++r) {
@@ -374,21 +464,19 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
         scalar_t du = 0;
         if (active[e]) {
           tab.coefficients(Y + e * S, G.data());
-          std::fill(dot.begin(), dot.end(), scalar_t(0));
+          // the first channel block stores the per-pair dot vectors, the others add to them
+          const bool vector_first = blocks.front().second != 0;
+          if (!vector_first) std::fill(dot.begin(), dot.end(), scalar_t(0));
           const scalar_t* x_s = x + sender[e] * D_in * C;
           for (const auto& channel_block : blocks) {
             const int64_t c0 = channel_block.first;
             dispatch_block<scalar_t>(channel_block.second, [&](auto block) {
               backward_edge_block<scalar_t, decltype(block)>(tab, radial, e, P, C, c0, x_s, g, G.data(), dot.data(),
-                                                             gw_e, gx_e, &du, w_buffer.data(), dw_buffer.data(),
+                                                             vector_first && c0 == 0, gw_e, gx_e, &du, w_buffer.data(), dw_buffer.data(),
                                                              gw_buffer.data());
             });
           }
-          for (int64_t j = 0; j < tab.n_pair; ++j) {
-            for (int64_t u = tab.term_start[j]; u < tab.term_start[j + 1]; ++u) {
-              gy_e[tab.term_m[u]] += tab.term_value[u] * dot[j];
-            }
-          }
+          tab.coefficients_backward(dot.data(), gy_work.data(), gy_e);
         }
         if (grad_u != nullptr) grad_u[e] = du;
       }
@@ -428,7 +516,7 @@ torch::Tensor forward_impl(const torch::Tensor& W, const torch::Tensor& table, c
       radial.u = u.data_ptr<scalar_t>();
     }
     const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
-                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out);
+                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out, S);
     forward_kernel<scalar_t>(radial, Y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), sender.data_ptr<int64_t>(),
                              active.data_ptr<bool>(), out.data_ptr<scalar_t>(), n_recv, E / n_recv, P, S, D_in,
                              D_out, C, coupling);
@@ -471,7 +559,7 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
       radial.W = W.data_ptr<scalar_t>();
     }
     const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
-                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out);
+                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out, S);
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), radial, Y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                               sender.data_ptr<int64_t>(), active.data_ptr<bool>(),
                               spline ? nullptr : grad_radial.data_ptr<scalar_t>(),
