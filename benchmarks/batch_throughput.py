@@ -73,28 +73,30 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "emt-demo.model"))
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--radial", choices=("exact", "spline"), default="exact")
     parser.add_argument("--set", choices=("metals", "molecules"), default="metals",
                         help="metals: periodic cells, 8-64 atoms (emt-demo); molecules: 3-14 atoms, no cell "
                              "(use a model with H, C, O, e.g. tests/fixtures/models/mp0a_small.model)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     items = structures(args.count) if args.set == "metals" else molecules(args.count)
-    calc = MACECalculator(args.model, device="cpu", default_dtype=args.dtype)
+    calc = MACECalculator(args.model, device="cpu", default_dtype=args.dtype, radial=args.radial)
     one_by_one(items[:5], calc)
-    evaluate(items[:20], model=args.model, device="cpu", dtype=args.dtype)
+    evaluate(items[:20], model=calc.models[0], device="cpu", dtype=args.dtype, radial=args.radial)
     ase_times, batch_times = [], []
     for _ in range(2):
         start = time.perf_counter()
         reference = one_by_one(items, calc)
         ase_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        results = evaluate(items, model=calc.models[0], device="cpu", dtype=args.dtype)
+        results = evaluate(items, model=calc.models[0], device="cpu", dtype=args.dtype, radial=args.radial)
         batch_times.append(time.perf_counter() - start)
     diff_e = max(abs(e - results.energies[s]) for s, (e, _, _) in enumerate(reference))
     diff_f = max(float(np.abs(f - results.forces[s]).max()) for s, (_, f, _) in enumerate(reference))
     atoms_total = sum(len(a) for a in items)
     print(json.dumps({
         "benchmark": "batch_vs_ase", "set": args.set, "model": Path(args.model).name, "dtype": args.dtype,
+        "radial": args.radial,
         "structures": len(items),
         "atoms": atoms_total, "sizes": [min(len(a) for a in items), max(len(a) for a in items)],
         "ase_s": round(min(ase_times), 3), "batched_s": round(min(batch_times), 3),

@@ -7,11 +7,13 @@ set -euo pipefail
 MODEL=${MODEL:?set MODEL to a .model file (e.g. tests/fixtures/make_fixtures.py --full-size output)}
 ATOMS=${ATOMS:-"216 1000 1728"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -m pytest -q tests/test_cuda.py tests/test_fused.py
+python -m pytest -q tests/test_cuda.py tests/test_fused.py tests/test_radial_spline.py
 # fused (chunked) convolution vs the reference path on the GPU, A/B in one process, and the largest cell's memory
 python benchmarks/profile_model.py --device cuda --model "$MODEL" --dtype float32 --atoms 4096 --compare --repeat 3
 for dtype in float32 float64; do
   python benchmarks/time_calculator.py --impl ours --device cuda --model "$MODEL" --dtype "$dtype" --atoms $ATOMS --repeat 5
+  python benchmarks/time_calculator.py --impl ours-spline --device cuda --model "$MODEL" --dtype "$dtype" \
+    --atoms $ATOMS --repeat 5
   if [ -n "${ORACLE_PY:-}" ]; then
     "$ORACLE_PY" benchmarks/time_calculator.py --impl mace-torch --device cuda --model "$MODEL" --dtype "$dtype" \
       --atoms $ATOMS --repeat 5

@@ -13,10 +13,12 @@ pytestmark = pytest.mark.cuda  # skipped where no CUDA device is present (tests/
 
 @pytest.mark.parametrize("dtype,atol", [("float64", 1e-10), ("float32", 1e-4)])
 @pytest.mark.parametrize("model", ["mpa0_density", "multihead", "mp0a_l2"])
-def test_cuda_matches_cpu(model: str, dtype: str, atol: float) -> None:
+@pytest.mark.parametrize("radial", ["exact", "spline"])
+def test_cuda_matches_cpu(model: str, dtype: str, atol: float, radial: str) -> None:
+    """Also in the spline mode: the same tables, evaluated with torch ops on the GPU, by the kernel on the CPU."""
     path = str(fixture_model(model))
-    cpu = MACECalculator(model_paths=path, device="cpu", default_dtype=dtype)
-    cuda = MACECalculator(model_paths=path, device="cuda", default_dtype=dtype)
+    cpu = MACECalculator(model_paths=path, device="cpu", default_dtype=dtype, radial=radial)
+    cuda = MACECalculator(model_paths=path, device="cuda", default_dtype=dtype, radial=radial)
     atoms = random_triclinic([int(z) for z in cpu.atomic_numbers], seed=11).repeat((2, 2, 2))
     atoms.calc = cpu
     e_cpu, f_cpu, s_cpu = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()

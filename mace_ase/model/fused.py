@@ -175,6 +175,14 @@ def _chunks(n_receivers: int, neighbours: int, device: torch.device, budget: Opt
     return [(bounds[k], bounds[k + 1]) for k in range(n_chunks) if bounds[k + 1] > bounds[k]]
 
 
+def _torch_spline_budget(interaction: Any, device: torch.device) -> Optional[int]:
+    """Edge rows per chunk when torch ops evaluate the spline (CUDA, no compiler): the gathered coefficient rows
+    ``[rows, degree + 1, P*C]`` are the largest work array, so GPU chunks are 16x smaller than for the MLP."""
+    if getattr(interaction, "spline", None) is None or device.type == "cpu":
+        return None
+    return CHUNK_EDGES_GPU // 16
+
+
 def _radial_mlp(interaction: Any, x: Tensor) -> Tensor:
     """The interaction's radial MLP with the activation's normalising constant folded into the next layer's
     weights (``(s silu(z)) @ W = silu(z) @ (s W)``: one elementwise pass fewer per hidden layer)."""
@@ -232,7 +240,7 @@ class _FusedConvolution(torch.autograd.Function):
                 table, radial_y, radial_x.view(-1), sh, h_up, sender, active, n_receivers, tables[4],
                 table.shape[2] // channels, *tables[:4])
         out = h_up.new_empty(n_receivers, tables[4], channels)
-        chunks = _chunks(n_receivers, neighbours, h_up.device)
+        chunks = _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(interaction, h_up.device))
         # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights) are kept for the backward pass,
         # which starts there; the other chunks are recomputed.
         row_bytes = interaction.radial_mlp.weights[-1].shape[1] * h_up.element_size() * 2  # weights + hidden
@@ -337,7 +345,7 @@ def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_
     need = ctx.needs_input_grad[1:5]
     grad_h = torch.zeros_like(h_up) if need[0] else None
     pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dradial_x, d/dradial_y
-    for start, stop in _chunks(n_receivers, neighbours, h_up.device):
+    for start, stop in _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(interaction, h_up.device)):
         rows = slice(start * neighbours, stop * neighbours)
         with torch.enable_grad():
             inputs = [h_up.index_select(0, sender[rows]), sh[rows], radial_x[rows], radial_y[rows]]
