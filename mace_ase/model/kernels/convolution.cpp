@@ -215,6 +215,8 @@ struct Coupling {
   int64_t S = 0;
   int64_t stride = 0;                        // n_pair rounded up to 16: the row length of dense, G and dot
   std::vector<scalar_t> dense;               // [S, stride]: the same coefficients as a dense matrix (mostly zeros)
+  std::vector<int64_t> m_start, m_j;         // the entries again, grouped by spherical-harmonic component m
+  std::vector<scalar_t> m_value;
   // forward: output rows b that receive something, with their (pa, pair) entries
   std::vector<int64_t> row_b, row_start, row_q, row_j;
   // backward: each pa vector q with its (pair, output row) entries
@@ -238,6 +240,18 @@ struct Coupling {
         dense[term_m[u] * stride + j] += term_value[u];
       }
     }
+    for (int64_t m = 0; m < S; ++m) {
+      m_start.push_back(m_j.size());
+      for (int64_t j = 0; j < n_pair; ++j) {
+        for (int64_t u = term_start[j]; u < term_start[j + 1]; ++u) {
+          if (term_m[u] == m) {
+            m_j.push_back(j);
+            m_value.push_back(term_value[u]);
+          }
+        }
+      }
+    }
+    m_start.push_back(m_j.size());
     std::vector<std::vector<int64_t>> by_b(D_out), by_q(n_pa);
     for (int64_t j = 0; j < n_pair; ++j) {
       TORCH_CHECK(pairs[3 * j] >= 0 && pairs[3 * j] < n_pa && pairs[3 * j + 1] >= 0 && pairs[3 * j + 1] < D_out,
@@ -270,28 +284,29 @@ struct Coupling {
   void coefficients(const scalar_t* y, scalar_t* G) const {
     using B = Block<scalar_t, typename Simd<scalar_t>::V, 16 / Simd<scalar_t>::kLanes>;
     for (int64_t j = 0; j < stride; j += 16) {
-      B acc = B::zero();
-      for (int64_t m = 0; m < S; ++m) acc.add_scaled(y[m], B::load(dense.data() + m * stride + j));
-      acc.store(G + j);
+      B even = B::zero(), odd = B::zero();  // two accumulators: half the FMA latency chain
+      int64_t m = 0;
+      for (; m + 1 < S; m += 2) {
+        even.add_scaled(y[m], B::load(dense.data() + m * stride + j));
+        odd.add_scaled(y[m + 1], B::load(dense.data() + (m + 1) * stride + j));
+      }
+      if (m < S) even.add_scaled(y[m], B::load(dense.data() + m * stride + j));
+      for (int r = 0; r < B::kVectors; ++r) even.v[r] += odd.v[r];
+      even.store(G + j);
     }
   }
 
   // dL/dY[m] = sum of value * dot_j over the entries (j, m), with dot_j given as the lanes of the SIMD vector
-  // dot + j * L (L lanes): accumulated as vectors in work[S * L], one lane sum per m at the end.
-  void coefficients_backward(const scalar_t* dot, scalar_t* work, scalar_t* gy) const {
+  // dot + j * L (L lanes): per m, its entries accumulated as a vector in registers, then one lane sum.
+  void coefficients_backward(const scalar_t* dot, scalar_t* gy) const {
     using V = typename Simd<scalar_t>::V;
     using B = Block<scalar_t, V, 1>;
     constexpr int64_t L = Simd<scalar_t>::kLanes;
-    for (int64_t m = 0; m < S; ++m) B::zero().store(work + m * L);
-    for (int64_t j = 0; j < n_pair; ++j) {
-      const B d = B::load(dot + j * L);
-      for (int64_t u = term_start[j]; u < term_start[j + 1]; ++u) {
-        B acc = B::load(work + term_m[u] * L);
-        acc.add_scaled(term_value[u], d);
-        acc.store(work + term_m[u] * L);
-      }
+    for (int64_t m = 0; m < S; ++m) {
+      B acc = B::zero();
+      for (int64_t i = m_start[m]; i < m_start[m + 1]; ++i) acc.add_scaled(m_value[i], B::load(dot + m_j[i] * L));
+      gy[m] = lane_sum<scalar_t, sizeof(V)>(&acc.v[0]);
     }
-    for (int64_t m = 0; m < S; ++m) gy[m] = lane_sum<scalar_t, sizeof(V)>(work + m * L);
   }
 };
 
@@ -447,7 +462,7 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
   const bool spline = radial.table != nullptr;
   at::parallel_for(0, n_recv, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t L = Simd<scalar_t>::kLanes;
-    std::vector<scalar_t> G(tab.stride), dot(tab.n_pair * L), gy_work(S * L);
+    std::vector<scalar_t> G(tab.stride), dot(tab.n_pair * L);
     std::vector<scalar_t> w_buffer(spline ? P * max_width : 0), dw_buffer(spline ? P * max_width : 0),
         gw_buffer(spline ? P * max_width : 0);
     for (int64_t r = begin; r < end; ++r) {
@@ -476,7 +491,7 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
                                                              gw_buffer.data());
             });
           }
-          tab.coefficients_backward(dot.data(), gy_work.data(), gy_e);
+          tab.coefficients_backward(dot.data(), gy_e);
         }
         if (grad_u != nullptr) grad_u[e] = du;
       }
