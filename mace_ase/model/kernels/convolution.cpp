@@ -8,13 +8,16 @@
 // The radial weights of an edge come from a RadialSource: either a row of W (the exact radial MLP, computed by the
 // caller per chunk) or, in the opt-in spline mode (radial_spline.py), the cubic polynomial of the edge's interval,
 //     W(u) = c0 + u (c1 + u (c2 + u c3)),   table [rows, 4, P*C], u in [0, 1) the position inside the interval,
-// evaluated on the fly into a per-thread buffer (no [E, P, C] array at all); its backward pass returns dL/du.
+// evaluated on the fly (in registers in the forward pass, into small per-thread block buffers in the backward pass:
+// no [E, P, C] array at all); its backward pass returns dL/du.
 //
 // Tables (built in fused.py from the ConvolutionPath modules):
 //   pa     [n_pa, 2]   int64: (radial weight row p, sender feature component a) of each weight-times-feature vector
 //   pairs  [n_pair, 3] int64: (pa index, output component b, start of its entries), plus one end row
 //   terms  [n_term]    int64: spherical-harmonic component m of each entry; values [n_term] float64: its coefficient
-// Compiled at first use by torch.utils.cpp_extension (see fused.py); parallel over receivers with at::parallel_for.
+// They are reordered per call (struct Coupling: by output row, by pa vector, by weight row, and as a dense [S, pairs]
+// matrix). Compiled at first use by torch.utils.cpp_extension (see fused.py); parallel over receivers with
+// at::parallel_for (each receiver's sums are independent of the thread count: results do not depend on it).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -175,6 +178,19 @@ struct RadialSource {
   int64_t PC = 0;
   int64_t C = 0;
 
+  // The channel block [c0, c0 + width) of the edge's weight row p, in registers.
+  template <typename B>
+  B row(int64_t e, int64_t p, int64_t c0) const {
+    if (table == nullptr) return B::load(W + e * PC + p * C + c0);
+    const scalar_t* c = table + interval[e] * 4 * PC + p * C + c0;
+    const scalar_t t = u[e];
+    const B c_0 = B::load(c), c_1 = B::load(c + PC), c_2 = B::load(c + 2 * PC), c_3 = B::load(c + 3 * PC);
+    B value;
+#pragma GCC unroll 8
+    for (int r = 0; r < B::kVectors; ++r) value.v[r] = c_0.v[r] + t * (c_1.v[r] + t * (c_2.v[r] + t * c_3.v[r]));
+    return value;
+  }
+
   // The channel block [c0, c0 + width) of the edge's P weight rows: a pointer into W (row stride C), or the spline
   // evaluated into `w` (row stride width) and, when `dw` is given, its derivative dW/du into `dw`.
   template <typename B>
@@ -221,6 +237,8 @@ struct Coupling {
   std::vector<int64_t> row_b, row_start, row_q, row_j;
   // backward: each pa vector q with its (pair, output row) entries
   std::vector<int64_t> q_start, q_j, q_b;
+  // the radial weight rows p that are used, each with its pa vectors q
+  std::vector<int64_t> used_p, p_start, p_q;
 
   Coupling(const int64_t* pa, int64_t n_pa_, const int64_t* pairs, int64_t n_pair_, const int64_t* terms,
            const double* values, int64_t D_out, int64_t S_)
@@ -277,6 +295,19 @@ struct Coupling {
       }
     }
     q_start.push_back(q_j.size());
+    std::vector<std::vector<int64_t>> by_p;
+    for (int64_t q = 0; q < n_pa; ++q) {
+      TORCH_CHECK(p[q] >= 0, "coupling table out of range");
+      if (static_cast<int64_t>(by_p.size()) <= p[q]) by_p.resize(p[q] + 1);
+      by_p[p[q]].push_back(q);
+    }
+    for (int64_t row = 0; row < static_cast<int64_t>(by_p.size()); ++row) {
+      if (by_p[row].empty()) continue;
+      used_p.push_back(row);
+      p_start.push_back(p_q.size());
+      p_q.insert(p_q.end(), by_p[row].begin(), by_p[row].end());
+    }
+    p_start.push_back(p_q.size());
   }
 
   // G[j] = sum_m dense[m, j] Y[m]: the coupling coefficients of one edge (a small dense matrix-vector product,
@@ -317,17 +348,17 @@ struct Coupling {
 // pairs (pa, b) > the edges of the group.
 // Per edge, the coupling coefficients G_j(Y_e) are computed once (one scalar per pair), and per channel block the
 // weight-times-feature vectors wx_q = W[p_q] * x[a_q] of the group's edges go to a small buffer (kGroup x n_pa x
-// block width: L1). Each output row block of the receiver (D_out x C: L1) is then loaded once into registers,
+// block width: L1), each weight row W[p] read (or, spline mode, evaluated) once into registers for all its q. Each output row block of the receiver (D_out x C: L1) is then loaded once into registers,
 // receives sum_j sum_e G_j(e) wx_{q_j}(e) over its pairs and the group's edges (one load and one FMA per vector),
 // and is stored once per group: instead of two loads and a store per FMA when the pairs are walked in table order
 // edge by edge. The last group of a receiver is padded with zero coefficients and zero wx.
 constexpr int kGroup = 2;
-constexpr int kForwardVectors = 8;  // channel blocks of at most 4 vectors: the group's wx rows stay in L1
+constexpr int kForwardVectors = 8;  // channel blocks of at most 8 vectors (2 x 22 wx rows of 512 bytes: L1)
 
 template <typename scalar_t, typename B>
 void forward_group_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, const int64_t* edges,
                          int n_edges, int64_t P, int64_t C, int64_t D_in, int64_t c0, const scalar_t* x,
-                         const int64_t* sender, const scalar_t* G, scalar_t* o, scalar_t* w_buffer, scalar_t* wx) {
+                         const int64_t* sender, const scalar_t* G, scalar_t* o, scalar_t* wx) {
   constexpr int64_t W = B::kWidth;
   const int64_t n_pa = tab.n_pa;
   for (int i = 0; i < kGroup; ++i) {
@@ -338,10 +369,13 @@ void forward_group_block(const Coupling<scalar_t>& tab, const RadialSource<scala
     }
     const int64_t e = edges[i];
     const scalar_t* x_s = x + sender[e] * D_in * C + c0;
-    int64_t stride = 0;
-    const scalar_t* w = radial.template block<B>(e, P, c0, w_buffer, nullptr, stride);
-    for (int64_t q = 0; q < n_pa; ++q) {
-      (B::load(w + tab.p[q] * stride) * B::load(x_s + tab.a[q] * C)).store(wx_i + q * W);
+    // each weight row once (evaluated in registers in the spline mode), times the sender features it meets
+    for (int64_t i_p = 0; i_p + 1 < static_cast<int64_t>(tab.p_start.size()); ++i_p) {
+      const B w = radial.template row<B>(e, tab.used_p[i_p], c0);
+      for (int64_t s = tab.p_start[i_p]; s < tab.p_start[i_p + 1]; ++s) {
+        const int64_t q = tab.p_q[s];
+        (w * B::load(x_s + tab.a[q] * C)).store(wx_i + q * W);
+      }
     }
   }
   const int64_t n_rows = static_cast<int64_t>(tab.row_b.size());
@@ -366,7 +400,7 @@ void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, con
   const auto blocks = channel_blocks(C, Simd<scalar_t>::kLanes, kForwardVectors);
   const int64_t max_width = kForwardVectors * Simd<scalar_t>::kLanes;
   at::parallel_for(0, n_recv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> wx(kGroup * tab.n_pa * max_width), w_buffer(P * max_width), G(kGroup * tab.stride);
+    std::vector<scalar_t> wx(kGroup * tab.n_pa * max_width), G(kGroup * tab.stride);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* o = out + r * D_out * C;
       int64_t k = 0;
@@ -388,7 +422,7 @@ void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, con
           const int64_t c0 = channel_block.first;
           dispatch_block<scalar_t>(channel_block.second, [&](auto block) {
             forward_group_block<scalar_t, decltype(block)>(tab, radial, edges, n_edges, P, C, D_in, c0, x, sender,
-                                                           G.data(), o, w_buffer.data(), wx.data());
+                                                           G.data(), o, wx.data());
           });
         }
       }
@@ -411,8 +445,8 @@ void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, con
 template <typename scalar_t, typename B>
 void backward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scalar_t>& radial, int64_t e, int64_t P,
                          int64_t C, int64_t c0, const scalar_t* x_s, const scalar_t* g, const scalar_t* G,
-                         scalar_t* dot, bool first, scalar_t* gw_e, scalar_t* gx_e, scalar_t* grad_u, scalar_t* w_buffer,
-                         scalar_t* dw_buffer, scalar_t* gw_buffer) {
+                         scalar_t* dot, bool first, scalar_t* gw_e, scalar_t* gx_e, scalar_t* grad_u,
+                         scalar_t* w_buffer, scalar_t* dw_buffer, scalar_t* gw_buffer) {
   constexpr int64_t W = B::kWidth;
   const bool spline = radial.table != nullptr;
   int64_t stride = 0;
@@ -487,8 +521,8 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
             const int64_t c0 = channel_block.first;
             dispatch_block<scalar_t>(channel_block.second, [&](auto block) {
               backward_edge_block<scalar_t, decltype(block)>(tab, radial, e, P, C, c0, x_s, g, G.data(), dot.data(),
-                                                             vector_first && c0 == 0, gw_e, gx_e, &du, w_buffer.data(), dw_buffer.data(),
-                                                             gw_buffer.data());
+                                                             vector_first && c0 == 0, gw_e, gx_e, &du,
+                                                             w_buffer.data(), dw_buffer.data(), gw_buffer.data());
             });
           }
           tab.coefficients_backward(dot.data(), gy_e);
@@ -530,8 +564,8 @@ torch::Tensor forward_impl(const torch::Tensor& W, const torch::Tensor& table, c
       radial.interval = interval.data_ptr<int64_t>();
       radial.u = u.data_ptr<scalar_t>();
     }
-    const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
-                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out, S);
+    const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(), pairs.size(0) - 1,
+                                      terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out, S);
     forward_kernel<scalar_t>(radial, Y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), sender.data_ptr<int64_t>(),
                              active.data_ptr<bool>(), out.data_ptr<scalar_t>(), n_recv, E / n_recv, P, S, D_in,
                              D_out, C, coupling);
@@ -573,8 +607,8 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
     } else {
       radial.W = W.data_ptr<scalar_t>();
     }
-    const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(),
-                                      pairs.size(0) - 1, terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out, S);
+    const Coupling<scalar_t> coupling(pa.data_ptr<int64_t>(), pa.size(0), pairs.data_ptr<int64_t>(), pairs.size(0) - 1,
+                                      terms.data_ptr<int64_t>(), values.data_ptr<double>(), D_out, S);
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), radial, Y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                               sender.data_ptr<int64_t>(), active.data_ptr<bool>(),
                               spline ? nullptr : grad_radial.data_ptr<scalar_t>(),
