@@ -514,7 +514,7 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
         if (active[e]) {
           tab.coefficients(Y + e * S, G.data());
           // the first channel block stores the per-pair dot vectors, the others add to them
-          const bool vector_first = blocks.front().second != 0;
+          const bool vector_first = !blocks.empty() && blocks.front().second != 0;
           if (!vector_first) std::fill(dot.begin(), dot.end(), scalar_t(0));
           const scalar_t* x_s = x + sender[e] * D_in * C;
           for (const auto& channel_block : blocks) {
