@@ -98,12 +98,14 @@ def test_forces_and_stress_are_derivatives_of_the_splined_energy() -> None:
     assert abs(numeric - stress[0, 1]) < 1e-9  # dE = V sigma : grad(u), grad(u) with one (0, 1) entry
 
 
-def test_kernel_and_torch_evaluation_of_the_tables_agree(monkeypatch) -> None:
+@pytest.mark.parametrize("degree", [3, 5])
+def test_kernel_and_torch_evaluation_of_the_tables_agree(degree: int, monkeypatch) -> None:
     """The compiled kernel evaluates the spline on the fly; CUDA and compiler-less machines use torch ops."""
+    monkeypatch.setattr(radial_spline, "DEGREE", degree)
     model = load_model(fixture_model("mpa0_density_l1"), device="cpu", dtype="float64", radial="spline")
     atoms = _rattled_cell()
     calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64", radial="spline")
-    assert calc.models[0] is model
+    assert calc.models[0] is model and model.radial_spline.tables[0].shape[1] == degree + 1
     graph = calc._graph(atoms)
     kernel = model(**graph, head=0, compute_stress=True)
     monkeypatch.setattr(fused, "CHUNK_EDGES", 64)

@@ -6,8 +6,8 @@
 // r*K .. r*K+K-1 belong to receiver r of the chunk. Inactive rows (padding, r >= r_max) contribute nothing.
 //
 // The radial weights of an edge come from a RadialSource: either a row of W (the exact radial MLP, computed by the
-// caller per chunk) or, in the opt-in spline mode (radial_spline.py), the cubic polynomial of the edge's interval,
-//     W(u) = c0 + u (c1 + u (c2 + u c3)),   table [rows, 4, P*C], u in [0, 1) the position inside the interval,
+// caller per chunk) or, in the opt-in spline mode (radial_spline.py), the polynomial of the edge's interval,
+//     W(u) = sum_k c_k u^k (Horner), table [rows, 4 or 6, P*C] (cubic or quintic), u in [0, 1) inside the interval,
 // evaluated on the fly (in registers in the forward pass, into small per-thread block buffers in the backward pass:
 // no [E, P, C] array at all); its backward pass returns dL/du.
 //
@@ -172,22 +172,25 @@ void dispatch_block(int r, F&& f) {
 template <typename scalar_t>
 struct RadialSource {
   const scalar_t* W = nullptr;         // [E, P*C] exact weights, or
-  const scalar_t* table = nullptr;     // [rows, 4, P*C] cubic coefficients of each interval
+  const scalar_t* table = nullptr;     // [rows, n_coef, P*C] polynomial coefficients (in u) of each interval
   const int64_t* interval = nullptr;   // [E] row of the table of each edge
   const scalar_t* u = nullptr;         // [E] position of the edge inside its interval
   int64_t PC = 0;
   int64_t C = 0;
+  int64_t n_coef = 4;                  // 4: cubic, 6: quintic Hermite (radial_spline.DEGREE + 1)
 
-  // The channel block [c0, c0 + width) of the edge's weight row p, in registers.
+  // The channel block [c0, c0 + width) of the edge's weight row p, in registers (Horner's rule).
   template <typename B>
   B row(int64_t e, int64_t p, int64_t c0) const {
     if (table == nullptr) return B::load(W + e * PC + p * C + c0);
-    const scalar_t* c = table + interval[e] * 4 * PC + p * C + c0;
+    const scalar_t* c = table + interval[e] * n_coef * PC + p * C + c0;
     const scalar_t t = u[e];
-    const B c_0 = B::load(c), c_1 = B::load(c + PC), c_2 = B::load(c + 2 * PC), c_3 = B::load(c + 3 * PC);
-    B value;
+    B value = B::load(c + (n_coef - 1) * PC);
+    for (int64_t k = n_coef - 2; k >= 0; --k) {
+      const B coefficient = B::load(c + k * PC);
 #pragma GCC unroll 8
-    for (int r = 0; r < B::kVectors; ++r) value.v[r] = c_0.v[r] + t * (c_1.v[r] + t * (c_2.v[r] + t * c_3.v[r]));
+      for (int r = 0; r < B::kVectors; ++r) value.v[r] = coefficient.v[r] + t * value.v[r];
+    }
     return value;
   }
 
@@ -200,16 +203,20 @@ struct RadialSource {
       return W + e * PC + c0;
     }
     stride = B::kWidth;
-    const scalar_t* c = table + interval[e] * 4 * PC + c0;
+    const scalar_t* c = table + interval[e] * n_coef * PC + c0;
     const scalar_t t = u[e];
     for (int64_t p = 0; p < P; ++p) {
-      const B c_0 = B::load(c + p * C), c_1 = B::load(c + PC + p * C), c_2 = B::load(c + 2 * PC + p * C),
-              c_3 = B::load(c + 3 * PC + p * C);
-      B value, slope;
+      const int64_t top = n_coef - 1;
+      B value = B::load(c + top * PC + p * C), slope;
 #pragma GCC unroll 8
-      for (int r = 0; r < B::kVectors; ++r) {
-        value.v[r] = c_0.v[r] + t * (c_1.v[r] + t * (c_2.v[r] + t * c_3.v[r]));
-        slope.v[r] = c_1.v[r] + t * (2 * c_2.v[r] + 3 * t * c_3.v[r]);
+      for (int r = 0; r < B::kVectors; ++r) slope.v[r] = static_cast<scalar_t>(top) * value.v[r];
+      for (int64_t k = top - 1; k >= 0; --k) {  // value and slope by one Horner pass each
+        const B coefficient = B::load(c + k * PC + p * C);
+#pragma GCC unroll 8
+        for (int r = 0; r < B::kVectors; ++r) {
+          value.v[r] = coefficient.v[r] + t * value.v[r];
+          if (k > 0) slope.v[r] = static_cast<scalar_t>(k) * coefficient.v[r] + t * slope.v[r];
+        }
       }
       value.store(w + p * B::kWidth);
       if (dw != nullptr) slope.store(dw + p * B::kWidth);
@@ -348,7 +355,8 @@ struct Coupling {
 // pairs (pa, b) > the edges of the group.
 // Per edge, the coupling coefficients G_j(Y_e) are computed once (one scalar per pair), and per channel block the
 // weight-times-feature vectors wx_q = W[p_q] * x[a_q] of the group's edges go to a small buffer (kGroup x n_pa x
-// block width: L1), each weight row W[p] read (or, spline mode, evaluated) once into registers for all its q. Each output row block of the receiver (D_out x C: L1) is then loaded once into registers,
+// block width: L1), each weight row W[p] read (or, spline mode, evaluated) once into registers for all its q.
+// Each output row block of the receiver (D_out x C: L1) is then loaded once into registers,
 // receives sum_j sum_e G_j(e) wx_{q_j}(e) over its pairs and the group's edges (one load and one FMA per vector),
 // and is stored once per group: instead of two loads and a store per FMA when the pairs are walked in table order
 // edge by edge. The last group of a receiver is padded with zero coefficients and zero wx.
@@ -561,6 +569,7 @@ torch::Tensor forward_impl(const torch::Tensor& W, const torch::Tensor& table, c
       radial.W = W.data_ptr<scalar_t>();
     } else {
       radial.table = table.data_ptr<scalar_t>();
+      radial.n_coef = table.size(1);
       radial.interval = interval.data_ptr<int64_t>();
       radial.u = u.data_ptr<scalar_t>();
     }
@@ -602,6 +611,7 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
     radial.C = C;
     if (spline) {
       radial.table = table.data_ptr<scalar_t>();
+      radial.n_coef = table.size(1);
       radial.interval = interval.data_ptr<int64_t>();
       radial.u = u.data_ptr<scalar_t>();
     } else {
@@ -620,8 +630,9 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
 
 void check_spline(const torch::Tensor& table, const torch::Tensor& interval, const torch::Tensor& u,
                   const torch::Tensor& x, int64_t P, int64_t C) {
-  TORCH_CHECK(table.is_contiguous() && table.dim() == 3 && table.size(1) == 4 && table.size(2) == P * C &&
-              table.scalar_type() == x.scalar_type(), "spline table must be a contiguous [rows, 4, P*C] tensor");
+  TORCH_CHECK(table.is_contiguous() && table.dim() == 3 && (table.size(1) == 4 || table.size(1) == 6) &&
+              table.size(2) == P * C &&
+              table.scalar_type() == x.scalar_type(), "spline table must be a contiguous [rows, 4 or 6, P*C] tensor");
   TORCH_CHECK(interval.is_contiguous() && interval.scalar_type() == torch::kInt64 && u.is_contiguous() &&
               u.scalar_type() == x.scalar_type(), "spline coordinates: int64 intervals and u of the model dtype");
   if (interval.numel() > 0) {
@@ -654,7 +665,7 @@ std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::T
                        W.size(1), W.size(2), pa, pairs, terms, values, grad_W_buffer, grad_Y_buffer, grad_x_buffer);
 }
 
-// Spline mode: table [rows, 4, P*C], interval [E] (int64 rows of the table), u [E]. Returns [n_recv, D_out, C].
+// Spline mode: table [rows, 4 or 6, P*C], interval [E] (int64 rows of the table), u [E]. Returns [n_recv, D_out, C].
 torch::Tensor spline_convolution_forward(torch::Tensor table, torch::Tensor interval, torch::Tensor u,
                                          torch::Tensor Y, torch::Tensor x, torch::Tensor sender, torch::Tensor active,
                                          int64_t n_recv, int64_t D_out, int64_t P, torch::Tensor pa,
