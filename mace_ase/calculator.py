@@ -116,11 +116,11 @@ class MACECalculator(Calculator):
         min_distance: atoms closer than this (Å) are refused, naming them (duplicated atoms give NaN in MACE);
             ``0`` turns the check off.
         radial: ``"exact"`` (default: the file's radial MLP, mace-torch's numbers to 1e-9 eV/atom) or
-            ``"spline"``: the radial weights tabulated once as cubic splines (:mod:`mace_ase.model.radial_spline`),
-            about 2x faster per call on the CPU, within 1e-6 eV/atom and 1e-5 eV/Å of the exact mode (measured
-            on the test fixtures and the full-size MP-0/MPA-0 medium architectures); forces and stresses stay the
-            exact derivatives of the splined energy, so MD conserves energy. Opt-in; ``calc.parameters["radial"]``
-            records it.
+            ``"spline"``: the radial weights tabulated once per element pair as piecewise quintic polynomials
+            (:mod:`mace_ase.model.radial_spline`), 2-2.5x faster per call on the CPU; on the test fixtures at most
+            9e-10 eV/atom, 7e-8 eV/Å and 2e-8 eV/Å³ from mace-torch (tests assert 1e-6 eV/atom, 1e-5 eV/Å);
+            forces and stresses stay the exact derivatives of the splined energy, so MD conserves energy;
+            Hessians ~1e-4 relative. Opt-in; ``calc.parameters["radial"]`` records it.
         model_path: mace-torch's older singular spelling of ``model_paths`` (deprecated).
 
     Bad input (NaN/inf positions or cell, atomic numbers outside 1..118, elements the model lacks, a periodic cell

@@ -14,6 +14,10 @@ and their products, and autograd keeps them all for the backward pass: about 45 
   dL/dW, dL/dY and per-edge dL/dx (index-added onto the senders), and autograd goes back through the chunk's MLP
   only. Nothing of size ``[E, paths, C]`` outlives a chunk.
 
+In the opt-in spline mode (:mod:`mace_ase.model.radial_spline`) the radial inputs are each edge's (u, interval)
+instead of (Bessel features, envelope): the kernel evaluates the interval's polynomial on the fly (one call for the
+whole forward pass, no weights stored) and its backward pass returns dL/du.
+
 Without the compiled kernel (no C++ compiler, CUDA tensors, or ``MACE_ASE_KERNELS=0``) the same chunked scheme runs
 on the reference torch code (recomputed per chunk in the backward pass): same memory bound, plain torch.
 
