@@ -19,12 +19,13 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
     import torch
 
 # Peak memory of one energy-and-forces call per edge (forward and backward), per feature channel and byte of the
-# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout). Measured by peak RSS on 4000-
-# 40000-edge structures (benchmarks: 128-channel MP-0/MPA-0 medium and 16-channel fixtures, float32 and float64) and
-# rounded up: the chunked convolution (mace_ase.model.fused, the default) keeps ~10 B per edge, channel and byte
-# (MP-0 medium float64: 9.8 kB/edge measured), the reference convolution ~75 (MP-0 medium float64: 75-85 kB/edge).
-_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 12, False: 80}
-_BYTES_PER_EDGE_FIXED = 3000
+# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout). Measured by peak RSS growth of
+# one call (benchmarks/time_calculator.py) and rounded up: the chunked convolution (mace_ase.model.fused, the
+# default, 512-row CPU chunks) on 182,560-edge Si with MP-0 medium (128 channels): 2.0 / 2.3 kB per edge (exact /
+# spline) in float32, 5.2 / 5.0 kB in float64 (benchmarks/RESULTS.md), i.e. below 6 B per edge, channel and byte
+# plus 1 kB; the reference convolution ~75 B (MP-0 medium float64: 75-85 kB/edge).
+_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 6, False: 80}
+_BYTES_PER_EDGE_FIXED = 1000
 _DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available now
 MEMORY_LIMIT_ENV = "MACE_ASE_MEMORY_LIMIT_GB"
 

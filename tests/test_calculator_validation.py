@@ -142,7 +142,7 @@ def test_left_handed_cell_is_valid(calc) -> None:
 def test_exploding_neighbour_count_is_refused_before_allocation(calc) -> None:
     """A 0.5 Å periodic cell has ~4000 images of every atom within 5 Å; a skewed cell as well."""
     tiny = Atoms("Cu", cell=[0.5, 0.5, 0.5], pbc=True)
-    limited = MACECalculator(model_paths=str(fixture_model(MODEL)), device="cpu", memory_limit_gb=0.01)
+    limited = MACECalculator(model_paths=str(fixture_model(MODEL)), device="cpu", memory_limit_gb=0.002)
     message = _bad(limited, tiny, InsufficientMemoryError, "neighbour pairs")
     assert "GB" in message and "memory_limit_gb" in message
     skewed = Atoms("Cu", cell=[[3.0, 0, 0], [2.999, 0.001, 0], [0, 0, 3.0]], pbc=True)
