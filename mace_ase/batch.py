@@ -35,7 +35,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
-from mace_ase.model.radial_spline import check_radial, disable_spline, enable_spline
+from mace_ase.model.radial_spline import check_radial, set_radial
 from mace_ase.neighbours import neighbour_list
 from mace_ase.options import resolve_device
 
@@ -114,9 +114,7 @@ def _resolve_model(model, device: torch.device, dtype: torch.dtype, radial: str)
         model = model.to(device=device, dtype=dtype).eval()
         if (radial == "spline") != model.use_radial_spline:  # the other radial mode: on a copy, never in place
             model = copy.deepcopy(model)
-            disable_spline(model)
-            if radial == "spline":
-                enable_spline(model)
+            set_radial(model, radial)
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_model(model, device=device, dtype=dtype, radial=radial)

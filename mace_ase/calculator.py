@@ -28,7 +28,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
-from mace_ase.model.radial_spline import check_radial, disable_spline, enable_spline
+from mace_ase.model.radial_spline import check_radial, disable_spline, set_radial
 from mace_ase.neighbours import VerletNeighbourList
 from mace_ase import validation
 
@@ -228,8 +228,7 @@ class MACECalculator(Calculator):
             converted = copy.deepcopy(source)
             disable_spline(converted)  # tables are per device and dtype: made afresh below when wanted
             converted = converted.to(device=self.device, dtype=self.dtype).eval()
-            if spline:
-                enable_spline(converted)
+            set_radial(converted, self.radial)
             return converted
         raise TypeError("model_paths must be a path, a list of paths or a loaded MACE model, not "
                         f"{type(source).__name__}")

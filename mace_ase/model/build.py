@@ -688,7 +688,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     Raises:
         ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
     """
-    from mace_ase.model.radial_spline import check_radial, enable_spline
+    from mace_ase.model.radial_spline import check_radial, set_radial
 
     check_radial(radial)  # a typo fails before the file is read
     model_file = read_model_file(path)
@@ -705,8 +705,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         from mace_ase.model.fused import enable_fused
 
         enable_fused(model)
-    if radial == "spline":
-        enable_spline(model)
+    set_radial(model, radial)
     return model
 
 

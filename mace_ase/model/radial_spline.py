@@ -275,6 +275,16 @@ def disable_spline(model: Any) -> None:
         interaction.spline = None
 
 
+def set_radial(model: Any, radial: str) -> None:
+    """Put ``model`` in the ``radial`` mode (``"exact"`` or ``"spline"``), in place; nothing if it is in it."""
+    if (check_radial(radial) == "spline") == bool(model.use_radial_spline):
+        return
+    if radial == "spline":
+        enable_spline(model)
+    else:
+        disable_spline(model)
+
+
 def check_radial(radial: str) -> str:
     """``radial=`` as given, or a clear error."""
     if radial not in RADIAL_MODES:
