@@ -123,6 +123,9 @@ class EquivariantLinear(nn.Module):
         self.register_buffer("gather", torch.cat(gathers))  # all output slots' input components, concatenated
         self.gather_starts = [int(sum(g.shape[0] for g in gathers[:i])) for i in range(len(gathers))]
         self.gather_lengths = [int(g.shape[0]) for g in gathers]
+        # MACE's features are stored slot by slot, so the gather is nearly always the identity: then the slots are
+        # plain splits of x (views; their backward is one cat, not a zero-filled index_add per slot)
+        self.identity_gather = bool(torch.equal(self.gather, torch.arange(self.gather.shape[0])))
         self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
         self.out_dims = out_dims
 
@@ -130,12 +133,19 @@ class EquivariantLinear(nn.Module):
         n = x.shape[0]
         channels_in = x.shape[2]
         outputs: List[Tensor] = []
+        pieces: List[Tensor] = []
+        if self.identity_gather and self.gather.shape[0] == x.shape[1]:
+            pieces = x.split_with_sizes(self.gather_lengths, dim=1)
         for index, weight in enumerate(self.weights):
             dim = self.out_dims[index]
-            gather = self.gather.narrow(0, self.gather_starts[index], self.gather_lengths[index])
             slots = self.gather_lengths[index] // dim
+            if len(pieces) > 0:
+                selected = pieces[index]
+            else:
+                gather = self.gather.narrow(0, self.gather_starts[index], self.gather_lengths[index])
+                selected = x.index_select(1, gather)
             # [N, slots*dim, C_in] -> [N, dim, slots*C_in] so that one matmul does all input slots
-            selected = x.index_select(1, gather).view(n, slots, dim, channels_in)
+            selected = selected.view(n, slots, dim, channels_in)
             selected = selected.transpose(1, 2).reshape(n, dim, slots * channels_in)
             outputs.append(selected @ weight)
         return torch.cat(outputs, dim=1)
