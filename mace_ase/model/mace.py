@@ -110,6 +110,13 @@ class RadialMLP(nn.Module):
         return x
 
 
+def rows_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight`` for ``x`` ``[N, D, K]`` as one ``[N*D, K]`` GEMM: ``matmul`` falls back to N small batched
+    GEMMs (with the weight expanded N times) when x is a slice of components, whose rows are not contiguous."""
+    n, d = x.shape[0], x.shape[1]
+    return (x.reshape(n * d, x.shape[2]) @ weight).view(n, d, weight.shape[1])
+
+
 class EquivariantLinear(nn.Module):
     """e3nn ``o3.Linear`` on ``[N, D_in, C_in]`` features: mixes channels within each irrep, never across l.
 
@@ -147,7 +154,7 @@ class EquivariantLinear(nn.Module):
             # [N, slots*dim, C_in] -> [N, dim, slots*C_in] so that one matmul does all input slots
             selected = selected.view(n, slots, dim, channels_in)
             selected = selected.transpose(1, 2).reshape(n, dim, slots * channels_in)
-            outputs.append(selected @ weight)
+            outputs.append(rows_matmul(selected, weight))
         return torch.cat(outputs, dim=1)
 
 
@@ -177,7 +184,7 @@ class SpeciesLinear(nn.Module):
                 if path < 0:
                     slots.append(block.new_zeros(count, dim, channels_out))
                 else:
-                    slots.append(block.narrow(1, in_start, dim) @ self.weight[path, element])
+                    slots.append(rows_matmul(block.narrow(1, in_start, dim), self.weight[path, element]))
             pieces.append(torch.cat(slots, dim=1))
             start += count
         return torch.cat(pieces, dim=0)
