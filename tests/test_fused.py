@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -33,6 +35,21 @@ def _both(model, *args):
     fused._set(model, False, False)
     reference = model.energy_and_edge_gradients(*args)
     return fast, reference
+
+
+def test_kernel_load_survives_an_interrupted_build() -> None:
+    """A build killed midway (Ctrl-C at the first call) leaves torch's ``lock`` file; the next process must not wait
+    for it forever: it loads the kernel and removes the leftover."""
+    assert fused.load_kernel()[0] is not None  # built (or loaded) here first
+    leftover = fused.kernel_directory() / "lock"
+    leftover.touch()
+    script = "from mace_ase.model import fused; module, reason = fused.load_kernel(); assert module is not None, reason"
+    try:
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=240)
+    finally:
+        stale = leftover.exists()
+        leftover.unlink(missing_ok=True)
+    assert not stale
 
 
 def test_kernel_builds_where_a_compiler_is_present() -> None:

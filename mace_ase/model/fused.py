@@ -34,6 +34,7 @@ per-user cache folder named by a hash of the source, torch version, compiler fla
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -103,6 +104,35 @@ def kernel_directory() -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """One process at a time builds or loads in ``folder``, under an OS lock that dies with its holder.
+
+    torch's own build lock is a plain ``lock`` file: a process killed while compiling (Ctrl-C at the first call) leaves
+    it behind and every later process waits for it forever. Only a holder of this lock ever builds here, so a ``lock``
+    file found while holding it is such a leftover and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock file alone
+        yield
+        return
+    with open(folder / "build.flock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.info("mace-ase: waiting for another process building the CPU kernels in %s", folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            leftover = folder / "lock"
+            if leftover.exists():
+                logger.warning("mace-ase: removing %s, left by a kernel build that was interrupted", leftover)
+                leftover.unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Tuple[Optional[Any], str]:
     """The compiled extension module, or ``(None, reason)`` when it cannot be built or is switched off."""
@@ -115,9 +145,10 @@ def load_kernel() -> Tuple[Optional[Any], str]:
         name = "mace_ase_kernels_" + folder.name.split("-")[-1]
         logger.info("mace-ase: loading the CPU kernels from %s (compiled there at first use, about a minute)",
                     folder)
-        module = cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES],
-                                    build_directory=str(folder), extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                                    verbose=False)
+        with _build_lock(folder):
+            module = cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES],
+                                        build_directory=str(folder), extra_cflags=_CFLAGS,
+                                        extra_ldflags=["-fopenmp"], verbose=False)
         return module, ""
     except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
         return None, f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
