@@ -80,8 +80,9 @@ def main() -> None:
     loads = [row["load_avg"] for row in rows if "load_avg" in row]
     header = (
         f"Run {run} ({datetime.date.today().isoformat()}), `bash benchmarks/compare_all.sh`. Machine: {machine()}; "
-        f"load average during the run {min(loads):.1f}-{max(loads):.1f} (other jobs shared the CPUs: absolute "
-        "times are noisy, the ratios of interleaved runs are what count). One ASE call = energy + forces + stress "
+        f"load average during the run {min(loads):.1f}-{max(loads):.1f} (the benchmark itself counts up to its "
+        "thread count, more means other jobs shared the CPUs; absolute times on this VM are noisy, the ratios of "
+        "interleaved runs are what count). One ASE call = energy + forces + stress "
         "on a new geometry (neighbour list included), rattled diamond Si; full-size random-weight model files."
     ) if loads else f"Run {run}."
     text = header + "\n\n" + table(rows) + "\n"
