@@ -52,6 +52,17 @@ def test_kernel_load_survives_an_interrupted_build() -> None:
     assert not stale
 
 
+def test_each_torch_installation_has_its_own_kernel_folder(monkeypatch, tmp_path) -> None:
+    """Two virtualenvs with the same torch version must not share a build folder: their include paths differ, so a
+    shared folder was rebuilt (a minute) at every switch between them."""
+    monkeypatch.setenv("MACE_ASE_KERNEL_DIR", str(tmp_path / "kernels"))
+    here = fused.kernel_directory()
+    assert fused.kernel_directory() == here  # stable within one installation
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    elsewhere = fused.kernel_directory()
+    assert elsewhere.parent == here.parent and elsewhere != here
+
+
 def test_kernel_builds_where_a_compiler_is_present() -> None:
     """With g++ and ninja (CI, the dev machines) the compiled kernel is what runs; without, the fallback says why."""
     module, reason = fused.load_kernel()
