@@ -52,6 +52,7 @@ from mace_ase.io.integrity import (
     sidecar_path,
     write_sidecar,
 )
+from mace_ase.io.locking import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -186,21 +187,11 @@ def _download_verified(url: str, destination: Path, checksum: str | None, *, wha
         if checksum is None:  # trust on first use: record the hash before the file becomes visible
             write_sidecar(destination, file_digest(temporary, "sha256"), destination.name)
 
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(destination) + ".lock")
-    try:
-        lock.acquire(timeout=0.05)
-    except Timeout:
-        log.info("Waiting for another process that is downloading %s (lock %s)", what, lock.lock_file)
-        lock.acquire()
-    try:
+    with exclusive(Path(str(destination) + ".lock"), f"Waiting for another process that is downloading {what}"):
         if destination.is_file():  # another process finished while we waited
             return _verify(destination, checksum, owned=True, what=what)
         download(url, destination, what=what, validate=validate)
         return _verify(destination, checksum, owned=True, what=what)
-    finally:
-        lock.release()
 
 
 # ------------------------------------------------------------------------------------------- verify and clear

@@ -43,10 +43,12 @@ import platform
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from mace_ase.io.locking import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -110,32 +112,20 @@ def kernel_directory() -> Path:
 
 
 @contextlib.contextmanager
-def _build_lock(folder: Path):
-    """One process at a time builds or loads in ``folder``, under an OS lock that dies with its holder.
+def _build_lock(folder: Path) -> Iterator[None]:
+    """One process at a time builds or loads in ``folder``, under a lock that dies with its holder.
 
     torch's own build lock is a plain ``lock`` file: a process killed while compiling (Ctrl-C at the first call) leaves
     it behind and every later process waits for it forever. Only a holder of this lock ever builds here, so a ``lock``
     file found while holding it is such a leftover and is removed.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's lock file alone
+    waiting = f"mace-ase: waiting for another process building the CPU kernels in {folder}"
+    with exclusive(folder / "build.flock", waiting):
+        leftover = folder / "lock"
+        if leftover.exists():
+            logger.warning("mace-ase: removing %s, left by a kernel build that was interrupted", leftover)
+            leftover.unlink()
         yield
-        return
-    with open(folder / "build.flock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            logger.info("mace-ase: waiting for another process building the CPU kernels in %s", folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            leftover = folder / "lock"
-            if leftover.exists():
-                logger.warning("mace-ase: removing %s, left by a kernel build that was interrupted", leftover)
-                leftover.unlink()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=1)
