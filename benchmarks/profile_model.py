@@ -1,6 +1,7 @@
 """Where the time of one mace-ase call goes: torch-profiler table of the model's forward + backward.
 
     python benchmarks/profile_model.py --model FILE --dtype float32 --atoms 216 [--threads 1] [--rows 25]
+        [--radial spline]
 
 Times the model call alone (graph tensors prepared once), best of --repeat, then prints the profiler's
 self-CPU-time table of one call. Structures are the rattled diamond-Si cells of ``time_calculator.py``.
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--radial", default="exact", choices=("exact", "spline"))
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--reference", action="store_true", help="profile the plain-torch reference path")
     parser.add_argument("--compare", action="store_true",
@@ -37,7 +39,7 @@ def main() -> None:
 
     from mace_ase.calculator import MACECalculator
 
-    calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype)
+    calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype, radial=args.radial)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     atoms = make_silicon(args.atoms)
     graph = calc._graph(atoms)

@@ -141,7 +141,7 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
                                                                                                         "")]))
     return subprocess.run([sys.executable, "-m", "mace_ase.cli", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+                          text=True, timeout=600, check=False)  # a first model load may wait for a kernel build
 
 
 def test_verbose_flag_changes_what_is_logged(tmp_path):

@@ -52,7 +52,7 @@ def test_example_script_runs_with_emt(script, tmp_path):
     for package in NEEDS.get(script, []):  # in the [test] extra: a missing one is a failure, not a skip
         importlib.import_module(package)
     done = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", "emt", *SCRIPTS[script]],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip()
 

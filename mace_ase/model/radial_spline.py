@@ -17,13 +17,17 @@ interpolated energy, so they stay conservative.
 Intervals start uniform (:data:`FIRST_INTERVALS`) and every interval that misses the tolerance is halved, up to
 :data:`MAX_REFINEMENTS` times: at u = 1/4, 1/2, 3/4 of each interval and over all outputs of all interactions, the
 error of the values must be at most ``tolerance`` times the largest ``|W|`` and the error of the slopes at most
-``tolerance`` times the largest ``|dW/dr|`` (:data:`DEFAULT_TOLERANCE` = 1e-9; not enforced below
-:data:`SHORT_RANGE`). Short intervals therefore sit where the functions vary fast (short range); one
+``tolerance`` times the largest ``|dW/dr|`` (:data:`DEFAULT_TOLERANCE`: 3e-11 in float64, 1e-9 in float32; not
+enforced below :data:`SHORT_RANGE`). Short intervals therefore sit where the functions vary fast (short range); one
 ``searchsorted`` per edge finds its interval. The reached error is kept in :attr:`RadialSpline.errors`.
 
-Measured end to end (``tests/test_radial_spline.py``, every float64 parity case of the fixtures against mace-torch;
-asserted bounds 1e-6 eV/atom, 1e-5 eV/Å, 1e-6 eV/Å³): at most 9e-10 eV/atom, 7e-8 eV/Å and 2e-8 eV/Å³. Hessians
-agree with the exact mode to ~1e-4 relative (second derivatives of the interpolant are less accurate).
+Measured end to end (``tests/test_radial_spline.py``, every float64 parity case of the fixtures against mace-torch):
+at the float64 default 3e-11, at most 1.1e-11 eV/atom, 1.2e-9 eV/Å and 2.4e-10 eV/Å³, inside the exact mode's own
+float64 parity bar (1e-9 eV/atom, 1e-8 eV/Å, 1e-9 eV/Å³), which the test asserts; at 1e-9 (the float32 default) it
+would be 9e-10 eV/atom, 7e-8 eV/Å and 2e-8 eV/Å³. In float32 the table is itself rounded to float32 (~6e-8), so
+a tighter tolerance only makes the table larger (10 % slower at 1e-10) and a coarser one is no faster (measured,
+``benchmarks/RESULTS.md``). Hessians agree with the exact mode to ~1e-4 relative (second derivatives of the
+interpolant are less accurate).
 
 The compiled CPU kernel evaluates the polynomial on the fly per edge (``kernels/convolution.cpp``): no
 ``[E, P, C]`` array exists. Elsewhere (CUDA, no compiler) the same table is evaluated with torch ops. Tables are
@@ -44,7 +48,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = 1e-9  # interpolation error / max |W| and / max |dW/dr|; what it gives end to end: module doc
+# Interpolation error / max |W| and / max |dW/dr|, by model dtype; what it gives end to end: module doc.
+DEFAULT_TOLERANCE = {torch.float64: 3e-11, torch.float32: 1e-9}
+
 FIRST_INTERVALS = 32  # uniform start, then intervals that miss the tolerance are halved
 MAX_REFINEMENTS = 12  # smallest interval r_max / (32 * 2^12), ~0.05 mÅ: far below any need
 RADIAL_MODES = ("exact", "spline")
@@ -55,15 +61,22 @@ _PROBES = (0.25, 0.5, 0.75)  # where each interval's interpolation error is meas
 SHORT_RANGE = 0.1
 
 
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The spline tolerance used for a model of ``dtype`` unless one is given."""
+    return DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE[torch.float32])
+
+
 class RadialSpline:
-    """Cubic-Hermite tables of every interaction's radial weights, for the element pairs seen so far.
+    """Piecewise Hermite tables (quintic) of every interaction's radial weights, for the element pairs seen so far.
 
     ``coordinates()`` maps edges to (u, interval row) once per call; ``weights()`` evaluates one interaction's
     table with torch ops; the CPU kernel reads ``tables[t]`` directly. Intervals are of unequal width (halved
     where the functions vary fast, e.g. at short range); the lookup is one ``searchsorted`` per edge.
     """
 
-    def __init__(self, model: Any, tolerance: float = DEFAULT_TOLERANCE) -> None:
+    def __init__(self, model: Any, tolerance: float | None = None) -> None:
+        if tolerance is None:
+            tolerance = default_tolerance(model.r_max.dtype)
         if not tolerance > 0:
             raise ValueError(f"spline tolerance must be > 0, not {tolerance!r}")
         self.tolerance = float(tolerance)
@@ -259,7 +272,7 @@ def enable_spline(model: Any, tolerance: float | None = None) -> RadialSpline:
         fused.enable_fused(model)
     if not any(getattr(t, "fused", False) for t in model.interactions):  # the self-check failed: reference path
         fused._set(model, True, False)
-    spline = RadialSpline(model, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    spline = RadialSpline(model, tolerance)  # None: default_tolerance of the model's dtype
     model.radial_spline = spline
     model.use_radial_spline = True
     for index, interaction in enumerate(model.interactions):
