@@ -23,14 +23,22 @@ MODELS = {"mp0_medium_fullsize.model": "MP-0 medium", "mpa0_medium_fullsize.mode
 
 
 def machine() -> str:
-    cpu = platform.processor()
+    """CPU model (family and model number), widest SIMD level (AVX-512, AVX2 or AVX only), cores, RAM."""
+    cpu, simd = platform.processor(), ""
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            lines = handle.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[:30])}
+        if "cpu family" in field and "model" in field:  # tells apart CPUs of one marketing name
+            cpu += f" (family {field['cpu family']}, model {field['model']})"
+        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
+        simd = next((f", {name}" for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX, no AVX2"))
+                     if flag in flags), "")
     except (OSError, StopIteration):
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GB"
+    return f"{cpu}{simd}, {os.cpu_count()} cores, {memory:.0f} GB"
 
 
 def table(rows: list[dict]) -> str:
