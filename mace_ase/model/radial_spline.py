@@ -31,9 +31,10 @@ interpolant are less accurate).
 
 The compiled CPU kernel evaluates the polynomial on the fly per edge (``kernels/convolution.cpp``): no
 ``[E, P, C]`` array exists. Elsewhere (CUDA, no compiler) the same table is evaluated with torch ops. Tables are
-built lazily, per element pair actually met (Agnesi models) or once (all others), in about a second each:
-``intervals x 6 x P x C`` numbers per interaction and pair, e.g. 341 intervals and 28 MB in float64 (14 MB in
-float32) for both layers of MP-0 medium, 234 intervals and 9.6 MB in float32 per element pair of MPA-0 medium.
+built lazily, per element pair actually met (Agnesi models) or once (all others), in one to two seconds each:
+``intervals x 6 x P x C`` numbers per interaction and pair, e.g. for both layers of MP-0 medium 686 intervals and
+56 MB in float64, 341 intervals and 14 MB in float32; per element pair of MPA-0 medium (Si-Si) 472 intervals and
+39 MB in float64, 234 intervals and 9.6 MB in float32.
 TorchScript export and LAMMPS's ``pair_style mace`` file always use the exact MLP.
 """
 
