@@ -14,6 +14,9 @@ Batches are sized from a memory estimate: the model's work is laid out as a padd
 K = the largest neighbour count in the batch), so a batch costs about ``N * K * bytes_per_edge`` (see
 :func:`bytes_per_padded_edge`). The budget is half the free GPU memory on CUDA, and a quarter of the available RAM
 (at most 4 GiB) on the CPU, unless ``memory_budget`` says otherwise. ``batch_size`` caps the structures per batch.
+In the exact mode on the CPU a batch also stays small enough for the radial MLP to run once per distinct edge
+(:func:`mace_ase.model.fused.distinct_table_edges`: about 160,000 edges for the emt-demo model in float64, 56,000
+for MPA-0 medium in float32).
 
 Units: eV, Å, eV/Å, eV/Å³ (ASE's). Stress in Voigt order (xx, yy, zz, yz, xz, xy), ASE sign, only for fully
 periodic structures (``None`` otherwise).
@@ -34,6 +37,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mace_ase.model.build import load_model, resolve_dtype
+from mace_ase.model.fused import distinct_table_edges
 from mace_ase.model.mace import MACE
 from mace_ase.model.radial_spline import check_radial, set_radial
 from mace_ase.neighbours import neighbour_list
@@ -161,6 +165,8 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
     graphs = [_graph(atoms, index, net, species_of_z, known) for index, atoms in enumerate(structures)]
     budget = int(memory_budget) if memory_budget is not None else _memory_budget(torch_device)
     per_edge = bytes_per_padded_edge(net)
+    # exact mode on the CPU: batches whose radial MLP runs once per distinct edge (2x less work than per chunk)
+    edge_cap = distinct_table_edges(net) if torch_device.type == "cpu" else None
 
     n = len(structures)
     results = BatchResults(energies=np.zeros(n), forces=[np.zeros((0, 3))] * n, stresses=[None] * n,
@@ -169,12 +175,14 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
     while start < n:
         stop = start + 1
         nodes, k_max = len(graphs[start].species), max(graphs[start].max_neighbours, 1)
+        edges = graphs[start].edge_index.shape[1]
         while stop < n and (batch_size is None or stop - start < batch_size):
             nodes_next = nodes + len(graphs[stop].species)
             k_next = max(k_max, graphs[stop].max_neighbours, 1)
-            if nodes_next * k_next * per_edge > budget:
+            edges_next = edges + graphs[stop].edge_index.shape[1]
+            if nodes_next * k_next * per_edge > budget or (edge_cap is not None and edges_next > edge_cap):
                 break
-            nodes, k_max, stop = nodes_next, k_next, stop + 1
+            nodes, k_max, edges, stop = nodes_next, k_next, edges_next, stop + 1
         _evaluate_batch(net, structures, graphs, range(start, stop), head_index, torch_device, torch_dtype, results)
         results.n_batches += 1
         results.batch_sizes.append(stop - start)

@@ -76,12 +76,38 @@ def test_kernel_builds_where_a_compiler_is_present() -> None:
         assert all(interaction.fused and not interaction.fused_kernel for interaction in model.interactions)
 
 
+def _distinct_rows(model, vectors, edge_index, species):
+    """What the model's exact mode gets from distinct_radial_rows on this graph (None: the chunked MLP path)."""
+    order, inverse, species_sorted, counts, sender, receiver = model.group_by_element(species, edge_index)
+    padded, padded_sender = model.pad_edges(vectors, sender, receiver, species.shape[0])
+    lengths, z_sender, z_receiver = model.edge_geometry(padded, species_sorted, padded_sender)
+    envelope = model.radial(lengths, z_sender, z_receiver)[1]
+    return fused.distinct_radial_rows(model, lengths, z_sender, z_receiver, envelope)
+
+
+# "distinct": the radial MLP once per distinct (length, pair) value, through the kernel's table path (the default
+# where the tables fit); "chunks-N": the chunked MLP path with N edge rows per chunk (64: many chunks)
+PATHS = ["distinct", "chunks-64", "chunks-100000"]
+
+
+def _use_path(path: str, monkeypatch) -> None:
+    if path.startswith("chunks"):
+        monkeypatch.setattr(fused, "PAIRED_TABLE_BYTES", 0)
+        monkeypatch.setattr(fused, "CHUNK_EDGES", int(path.split("-")[1]))
+
+
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("chunk_edges", [64, 100000])
-def test_fused_matches_reference_float64(name: str, chunk_edges: int, monkeypatch) -> None:
-    monkeypatch.setattr(fused, "CHUNK_EDGES", chunk_edges)  # 64: many chunks, one receiver or more each
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_matches_reference_float64(name: str, path: str, monkeypatch) -> None:
+    _use_path(path, monkeypatch)
     model = load_model(fixture_model(name), device="cpu", dtype="float64", fused=False)
     args = _graph(model)
+    fused._set(model, True, fused.load_kernel()[0] is not None)
+    rows = _distinct_rows(model, *args)
+    if path == "distinct":  # each edge and its reverse share one row, nothing else does in a random cluster
+        assert rows is not None and int(rows[1].max()) + 1 == args[1].shape[1] // 2
+    else:
+        assert rows is None
     (energy, grad), (energy_ref, grad_ref) = _both(model, *args)
     assert torch.allclose(energy, energy_ref, rtol=0, atol=1e-12)
     assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)
@@ -108,9 +134,11 @@ def test_chunked_torch_path_without_kernel(monkeypatch) -> None:
     assert torch.allclose(fast[1], reference[1], rtol=0, atol=1e-12)
 
 
-def test_second_derivatives_through_fused_path(monkeypatch) -> None:
-    """Hessian-vector products (create_graph=True) go through the differentiable recomputation."""
-    monkeypatch.setattr(fused, "CHUNK_EDGES", 64)
+@pytest.mark.parametrize("path", ["distinct", "chunks-64"])
+def test_second_derivatives_through_fused_path(path: str, monkeypatch) -> None:
+    """Hessian-vector products (create_graph=True) go through the differentiable recomputation: from the MLP inputs,
+    also after a forward pass through the distinct-edge tables (which hold only W and dW/dr)."""
+    _use_path(path, monkeypatch)
     model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", fused=False)
     vectors, edge_index, species = _graph(model, n_atoms=10)
     direction = torch.randn(vectors.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -126,6 +154,86 @@ def test_second_derivatives_through_fused_path(monkeypatch) -> None:
     reference = hvp(False)
     assert torch.allclose(hvp(True), reference, rtol=0, atol=1e-10)
     assert reference.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mp0a_medium", "mpa0_density", "mp0b_agnesi_zbl"])
+@pytest.mark.parametrize("envelope_in_features", [True, False])
+def test_radial_r_derivatives_are_those_of_autograd(name: str, envelope_in_features: bool) -> None:
+    """The closed-form d/dr of the radial features and envelope (Bessel, Agnesi, polynomial envelope), which the
+    distinct-edge tables' dW/dr is built from, against forward-mode autograd, inside and beyond r_max."""
+    model = load_model(fixture_model(name), device="cpu", dtype="float64")
+    model.radial.apply_cutoff = envelope_in_features
+    n = 300
+    lengths = torch.linspace(0.4, 1.2 * model.r_max_value, n, dtype=torch.float64).unsqueeze(-1)
+    elements = model.atomic_numbers
+    z_sender = elements[torch.arange(n) % len(elements)]
+    z_receiver = elements[(7 * torch.arange(n) + 1) % len(elements)]
+    closed_form = model.radial.r_derivatives(lengths, z_sender, z_receiver)
+    _, autograd = torch.func.jvp(lambda r: model.radial(r, z_sender, z_receiver), (lengths,),
+                                 (torch.ones_like(lengths),))
+    for got, expected in zip(closed_form, autograd):
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert autograd[0].abs().max() > 0.1 and autograd[1].abs().max() > 0.1
+
+
+def test_distinct_edges_with_the_envelope_outside_the_mlp() -> None:
+    """Files where the envelope multiplies the MLP's output (``apply_cutoff`` off): the table's dW/dr then has the
+    product rule's second term."""
+    model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", fused=False)
+    model.radial.apply_cutoff = False
+    for interaction in model.interactions:
+        interaction.apply_cutoff = False
+    args = _graph(model)
+    (energy, grad), (energy_ref, grad_ref) = _both(model, *args)
+    fused._set(model, True, True)
+    assert _distinct_rows(model, *args) is not None
+    assert torch.allclose(energy, energy_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12) and grad.abs().max() > 1e-3
+
+
+def test_distinct_edge_table_overwritten_before_its_backward_pass() -> None:
+    """The distinct-edge table's storage is reused between calls: two forward passes, then the first one's backward
+    pass, must still give the first graph's gradients (the overwritten table is recomputed)."""
+    model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64")
+    first, second = _graph(model, seed=1), _graph(model, seed=2)
+    expected = model.energy_and_edge_gradients(*first)[1]
+    assert _distinct_rows(model, *first) is not None
+    x = first[0].clone().requires_grad_(True)
+    energy = model.graph_energies(x, first[1], first[2]).sum()
+    model.graph_energies(second[0].clone().requires_grad_(True), second[1], second[2]).sum()  # reuses the storage
+    (grad,) = torch.autograd.grad(energy, x)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-13)
+    assert expected.abs().max() > 1e-3
+
+
+def test_distinct_edges_of_a_symmetric_crystal() -> None:
+    """In a perfect crystal many edges have bit-identical lengths: the radial MLP runs for far fewer rows than edges,
+    and the forces (zero by symmetry) and energy are the chunked path's."""
+    from ase.build import bulk
+
+    from mace_ase.calculator import MACECalculator
+
+    model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64")
+    element = int(model.atomic_numbers[0])
+    atoms = bulk("X", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.numbers[:] = element
+    calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64")
+    graph = calc._graph(atoms)
+    vectors = graph["positions"][graph["edge_index"][1]] - graph["positions"][graph["edge_index"][0]] + (
+        graph["unit_shifts"] @ graph["cell"])
+    rows = _distinct_rows(model, vectors, graph["edge_index"], graph["species"])
+    assert rows is not None and int(rows[1].max()) + 1 < graph["edge_index"].shape[1] // 20
+    atoms.calc = calc
+    energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    original = fused.PAIRED_TABLE_BYTES
+    try:
+        fused.PAIRED_TABLE_BYTES = 0
+        calc.reset()
+        chunked = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    finally:
+        fused.PAIRED_TABLE_BYTES = original
+    assert abs(energy - chunked[0]) < 1e-10
+    assert abs(forces - chunked[1]).max() < 1e-10 and abs(stress - chunked[2]).max() < 1e-10
 
 
 def test_self_check_falls_back_with_one_warning(monkeypatch) -> None:

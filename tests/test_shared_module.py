@@ -35,3 +35,38 @@ def test_a_module_in_training_mode_is_not_switched_to_eval():
     module = load_model(fixture_model("mp0a_small"), device="cpu", dtype="float64").train()
     calculator = MACECalculator(module, device="cpu", default_dtype="float64")
     assert module.training and not calculator.models[0].training
+
+
+def test_one_module_in_two_threads_matches_sequential_runs():
+    """Calculators in two threads sharing one module: each call's exact-mode tables (whose storage the module keeps
+    between calls) are its own thread's, so the results are those of sequential runs."""
+    import threading
+
+    module = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64")
+    structures = []
+    for seed in range(2):
+        atoms = bulk("NaCl", "rocksalt", a=5.6) * (2, 2, 1)
+        atoms.rattle(0.1, seed=seed)
+        structures.append(atoms)
+
+    def run(atoms, out: list) -> None:
+        calc = MACECalculator(module, device="cpu", default_dtype="float64")
+        for step in range(4):
+            moved = atoms.copy()
+            moved.positions += 0.01 * step
+            moved.calc = calc
+            out.append((moved.get_potential_energy(), moved.get_forces().copy()))
+
+    sequential = [[], []]
+    for atoms, out in zip(structures, sequential):
+        run(atoms, out)
+    threaded = [[], []]
+    threads = [threading.Thread(target=run, args=(atoms, out)) for atoms, out in zip(structures, threaded)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seq, par in zip(sequential, threaded):
+        assert len(par) == 4
+        for (e1, f1), (e2, f2) in zip(seq, par):
+            assert abs(e1 - e2) < 1e-10 and np.abs(f1 - f2).max() < 1e-10

@@ -18,6 +18,15 @@ In the opt-in spline mode (:mod:`mace_ase.model.radial_spline`) the radial input
 instead of (Bessel features, envelope): the kernel evaluates the interval's polynomial on the fly (one call for the
 whole forward pass, no weights stored) and its backward pass returns dL/du.
 
+The exact mode uses the same kernel path when the graph is small enough (:func:`distinct_radial_rows`,
+:data:`PAIRED_TABLE_BYTES`): the radial MLP is a function of (r, element pair) only, and an edge and its reverse
+have bit-identical lengths (``-v`` is exactly the negation of ``v``), so the MLP runs once per distinct
+(r, pair) value, about E/2 rows for a rattled structure and far fewer for a symmetric one. Its weights W and their
+derivative dW/dr (forward mode: primal and tangent rows interleaved, one GEMM per layer) form a two-coefficient
+"table" row ``W + u dW/dr`` evaluated at ``u = r - r = 0``, so the kernel's spline code gives W in the forward pass
+and dL/dr directly in the backward pass: one GEMM-equivalent on E/2 rows replaces the chunked path's forward,
+partial recomputation and MLP backward (~2.4 GEMM-equivalents on E rows).
+
 Without the compiled kernel (no C++ compiler, CUDA tensors, or ``MACE_ASE_KERNELS=0``) the same chunked scheme runs
 on the reference torch code (recomputed per chunk in the backward pass): same memory bound, plain torch.
 
@@ -41,6 +50,7 @@ import logging
 import os
 import platform
 import stat
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple
@@ -56,6 +66,10 @@ CHUNK_EDGES = 512  # edge rows per chunk: ~3.7 MB of float32 work arrays for MP-
 CHUNK_EDGES_GPU = 2**17  # GPUs want large launches: ~1.3 GB of float32 work arrays per chunk for MP-0-medium
 CHUNK_EDGES_SPLINE = 8192  # spline-mode backward (no radial weights per chunk): ~17 MB of float32 buffers
 KEEP_BYTES = 128 * 2**20  # radial-MLP graphs kept from the forward pass (last chunks first); the rest is recomputed
+# Exact mode, all layers' [W, dW/dr] rows of the distinct edges together (kept until the backward pass); a larger
+# graph takes the chunked path, whose memory does not grow with the system (float32 MPA-0 medium: ~1,000 atoms of
+# Si fit, float64 ~500)
+PAIRED_TABLE_BYTES = 384 * 2**20
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [_KERNELS / "convolution.cpp", _KERNELS / "symmetric_contraction.cpp", _KERNELS / "module.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: the sums must stay IEEE
@@ -213,21 +227,158 @@ def _torch_spline_budget(interaction: Any, device: torch.device) -> Optional[int
     return CHUNK_EDGES_GPU // 16
 
 
-def _radial_mlp(interaction: Any, x: Tensor) -> Tensor:
-    """The interaction's radial MLP with the activation's normalising constant folded into the next layer's
-    weights (``(s silu(z)) @ W = silu(z) @ (s W)``: one elementwise pass fewer per hidden layer)."""
+def _folded_mlp_weights(interaction: Any) -> List[Tensor]:
+    """The radial MLP's weights with the activation's normalising constant folded into the next layer's
+    (``(s silu(z)) @ W = silu(z) @ (s W)``: one elementwise pass fewer per hidden layer)."""
     mlp = interaction.radial_mlp
     key = (mlp.weights[0].dtype, mlp.weights[0].device)
     cached = getattr(interaction, "fused_mlp", None)
     if cached is None or cached[0] != key:
         folded = [w if index == 0 else w * mlp.activation_scale for index, w in enumerate(mlp.weights)]
         cached = interaction.fused_mlp = (key, folded)
-    weights = cached[1]
+    return cached[1]
+
+
+def _radial_mlp(interaction: Any, x: Tensor) -> Tensor:
+    """The interaction's radial MLP (folded weights)."""
+    weights = _folded_mlp_weights(interaction)
     for index, weight in enumerate(weights):
         x = x @ weight
         if index < len(weights) - 1:
             x = torch.nn.functional.silu(x)
     return x
+
+
+class _TableStorage:
+    """An interaction's storage for its distinct-edge table, reused between calls: a fresh tensor of this size
+    (often 100 MB) costs as much in page faults as the GEMM that fills it. One per thread (a model shared by
+    calculators in several threads), counted by ``generation`` so that a backward pass can tell whether its table
+    was overwritten meanwhile (another forward pass first). Copies and pickles of the model start empty."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __reduce__(self) -> Tuple[type, tuple]:
+        return (_TableStorage, ())
+
+    def generation(self) -> int:
+        return getattr(self._local, "generation", 0)
+
+    def take(self, rows: int, width: int, like: Tensor) -> Tuple[Tensor, int]:
+        numel = rows * width
+        storage = getattr(self._local, "storage", None)
+        if storage is None or storage.numel() < numel or storage.dtype != like.dtype or storage.device != like.device:
+            self._local.storage = None  # free the old one first
+            storage = self._local.storage = like.new_empty(numel)
+        self._local.generation = self.generation() + 1
+        return storage[:numel].view(rows, width), self._local.generation
+
+
+class _DistinctEdgeTable:
+    """``[H, 2, P*C]``: the radial weights W of H distinct edges and dW/dr, from their features, envelope and the
+    derivatives of both in r (forward-mode differentiation through the MLP), written into the interaction's
+    :class:`_TableStorage`; :meth:`current` gives it back for the backward pass (recomputed if overwritten).
+
+    A hidden layer maps (z, t) to (silu(z), silu'(z) t) with silu'(z) = s (1 + z (1 - s)), s = sigmoid(z). For the
+    last (widest) layer, primal and tangent rows are interleaved (row 2h is edge h's activation, row 2h+1 its
+    derivative): one GEMM for both, whose result is already the kernel's table layout ``[row, coefficient, P*C]``.
+    """
+
+    def __init__(self, interaction: Any, feats: Tensor, dfeats: Tensor, envelope: Tensor, denvelope: Tensor) -> None:
+        self.interaction = interaction
+        self.inputs = (feats, dfeats, envelope, denvelope)
+        if getattr(interaction, "table_storage", None) is None:
+            interaction.table_storage = _TableStorage()
+        self.table, self.generation = self._compute(interaction.table_storage)
+
+    def current(self) -> Tensor:
+        if self.interaction.table_storage.generation() != self.generation:
+            self.table = self._compute(None)[0]
+        return self.table
+
+    def _compute(self, storage: Optional[_TableStorage]) -> Tuple[Tensor, int]:
+        feats, dfeats, envelope, denvelope = self.inputs
+        weights = _folded_mlp_weights(self.interaction)
+        n = feats.shape[0]
+        value, tangent = feats, dfeats
+        for weight in weights[:-1]:
+            value, tangent = value @ weight, tangent @ weight
+            sigmoid = torch.sigmoid(value)
+            tangent.mul_(sigmoid * (1.0 + value * (1.0 - sigmoid)))
+            value = torch.nn.functional.silu(value)
+        interleaved = torch.stack([value, tangent], 1).view(2 * n, value.shape[1])
+        width = weights[-1].shape[1]
+        out, generation = storage.take(2 * n, width, feats) if storage is not None else (
+            feats.new_empty(2 * n, width), -1)
+        table = torch.mm(interleaved, weights[-1], out=out).view(n, 2, width)
+        if not self.interaction.apply_cutoff:  # W = MLP(f) envelope: dW/dr = dMLP/dr envelope + MLP denvelope/dr
+            table[:, 1].mul_(envelope).addcmul_(table[:, 0], denvelope)
+            table[:, 0].mul_(envelope)
+        return table, generation
+
+
+def _distinct_rows_apply(model: Any) -> bool:
+    interactions = list(model.interactions)
+    return (bool(interactions) and not torch.compiler.is_compiling() and load_kernel()[0] is not None
+            and all(getattr(i, "fused", False) and getattr(i, "fused_kernel", False)
+                    and getattr(i, "spline", None) is None for i in interactions))
+
+
+def distinct_table_edges(model: Any) -> Optional[int]:
+    """How many edges a CPU call can have for the exact mode's distinct-edge tables to fit
+    :data:`PAIRED_TABLE_BYTES` when every edge has its reverse and no other edge of the same length (batched
+    evaluation keeps its batches below it); None where that path does not apply (spline mode, no kernel)."""
+    if not _distinct_rows_apply(model):
+        return None
+    width = sum(int(i.radial_mlp.weights[-1].shape[1]) for i in model.interactions)
+    return PAIRED_TABLE_BYTES // (width * model.r_max.element_size())
+
+
+def distinct_radial_rows(model: Any, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor
+                         ) -> Optional[List[Tensor]]:
+    """Exact mode on the CPU kernel: ``[u, rows, features, d features/dr, envelope, d envelope/dr]`` for the
+    paired evaluation of the radial MLP (module docstring), or None where it does not apply (no kernel, another
+    device, a graph whose tables would exceed :data:`PAIRED_TABLE_BYTES`).
+
+    ``rows[e]`` is edge e's index among the distinct (length, unordered element pair) values of the active edges
+    (inactive edges: 0, never read); the radial inputs are those of one edge of each value, with their r-derivative
+    (:meth:`~mace_ase.model.mace.RadialEmbedding.r_derivatives`); ``u = r - r`` is zero with du/dr = 1, so the
+    kernel's dL/du is dL/dr. The radial embedding depends on the pair only through the mean covalent radius, which
+    is symmetric, and identical inputs give identical weights: the result is the per-edge evaluation's up to the
+    order of floating-point sums.
+    """
+    interactions = list(model.interactions)
+    if lengths.device.type != "cpu" or not _distinct_rows_apply(model):
+        return None
+    r = lengths.detach().view(-1)
+    index = torch.nonzero(envelope.detach().view(-1) != 0).view(-1)
+    if index.shape[0] == 0:
+        return None
+    code = torch.minimum(z_sender, z_receiver)[index] * 256 + torch.maximum(z_sender, z_receiver)[index]
+    order = torch.argsort(r[index], stable=True)
+    order = order[torch.argsort(code[order], stable=True)]  # by (pair, length)
+    r_sorted, code_sorted = r[index][order], code[order]
+    first = torch.ones(order.shape[0], dtype=torch.bool)
+    first[1:] = (r_sorted[1:] != r_sorted[:-1]) | (code_sorted[1:] != code_sorted[:-1])
+    n_distinct = int(first.sum())
+    width = sum(int(i.radial_mlp.weights[-1].shape[1]) for i in interactions)
+    if n_distinct * 2 * width * lengths.element_size() > PAIRED_TABLE_BYTES:
+        return None
+    # number the distinct values in the order of their first edge (the stable sorts put it first in its group):
+    # the kernel then reads the table mostly forwards
+    chosen = index[order[first]]
+    by_first_edge = torch.argsort(chosen)
+    renumber = torch.empty_like(by_first_edge)
+    renumber[by_first_edge] = torch.arange(n_distinct)
+    rows = torch.zeros(r.shape[0], dtype=torch.long)
+    rows[index[order]] = renumber[torch.cumsum(first, 0) - 1]
+    chosen = chosen[by_first_edge]
+    r_chosen = lengths.detach()[chosen]
+    z_s, z_r = z_sender[chosen], z_receiver[chosen]
+    feats, env = model.radial(r_chosen, z_s, z_r)
+    dfeats, denv = model.radial.r_derivatives(r_chosen, z_s, z_r)
+    u = (lengths - lengths.detach()).view(-1)
+    return [u, rows, feats, dfeats, env, denv]
 
 
 def _radial_weights(interaction: Any, radial_x: Tensor, radial_y: Tensor, active: Tensor, channels: int) -> Tensor:
@@ -249,11 +400,15 @@ def _use_kernel(interaction: Any, h_up: Tensor) -> bool:
 
 
 class _FusedConvolution(torch.autograd.Function):
-    """Inputs ``radial_x, radial_y``: (edge features, envelope) for the exact radial MLP, or (u ``[E, 1]``,
-    interval ``[E]``) in the spline mode, whose compiled path never forms the weights at all."""
+    """Inputs ``radial_x, radial_y``: what the reference code recomputes the weights from, (edge features,
+    envelope) for the exact radial MLP or (u ``[E, 1]``, interval ``[E]``) in the spline mode. With ``table``
+    (``[rows, coefficients, P*C]``: the spline mode's intervals, or the exact mode's distinct edges of
+    :func:`distinct_radial_rows`), the compiled path evaluates each edge's weights from its ``interval`` row at
+    ``u`` and never forms them for all edges; its backward pass gives dL/du."""
 
     @staticmethod
-    def forward(ctx, interaction, h_up, sh, radial_x, radial_y, sender, active):  # noqa: D102
+    def forward(ctx, interaction, h_up, sh, radial_x, radial_y, sender, active, table, interval, u,  # noqa: D102
+                distinct=None):
         n_receivers = h_up.shape[0]
         neighbours = sender.shape[0] // max(n_receivers, 1)
         channels = h_up.shape[2]
@@ -262,12 +417,11 @@ class _FusedConvolution(torch.autograd.Function):
         ctx.interaction = interaction
         ctx.use_kernel = use_kernel
         ctx.kept = {}
-        ctx.save_for_backward(h_up, sh, radial_x, radial_y, sender, active)
-        spline = getattr(interaction, "spline", None)
-        if use_kernel and spline is not None:  # one call: nothing per edge is stored
-            table = spline[0].tables[spline[1]]
+        ctx.distinct = distinct  # the exact mode's distinct-edge table (its storage is reused between calls)
+        ctx.save_for_backward(h_up, sh, radial_x, radial_y, sender, active, None if distinct else table, interval, u)
+        if use_kernel and table is not None:  # one call: nothing per edge is stored
             return load_kernel()[0].spline_convolution_forward(
-                table, radial_y, radial_x.view(-1), sh, h_up, sender, active, n_receivers, tables[4],
+                table, interval, u.view(-1), sh, h_up, sender, active, n_receivers, tables[4],
                 table.shape[2] // channels, *tables[:4])
         out = h_up.new_empty(n_receivers, tables[4], channels)
         chunks = _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(interaction, h_up.device))
@@ -297,51 +451,72 @@ class _FusedConvolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        saved = ctx.saved_tensors
+        h_up, sh, radial_x, radial_y, sender, active, table, interval, u = ctx.saved_tensors
+        if ctx.distinct is not None:
+            table = ctx.distinct.current()
         create_graph = torch.is_grad_enabled()  # a double backward (Hessian): stay differentiable
-        if ctx.use_kernel and not create_graph:
-            grads = _kernel_backward(ctx, grad_out, *saved)
-        else:
-            grads = _recompute_backward(ctx, grad_out, create_graph, *saved)
+        grad_u = None
+        if ctx.use_kernel and not create_graph and table is not None:
+            grad_h, grad_sh, grad_u = _table_backward(ctx, grad_out, h_up, sh, sender, active, table, interval, u)
+            grads = (grad_h, grad_sh, None, None)
+        elif ctx.use_kernel and not create_graph:
+            grads = _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active)
+        else:  # the reference code, from radial_x and radial_y (the exact mode's tables are not differentiable)
+            grads = _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_y, sender, active)
         ctx.kept = {}  # used once; a second backward pass through this node (Hessians) recomputes
-        return (None, *grads, None, None)
+        return (None, *grads, None, None, None, None, grad_u, None)
+
+
+def _table_backward(ctx, grad_out, h_up, sh, sender, active, table, interval, u):
+    """Per chunk of CHUNK_EDGES_SPLINE edge rows (no weights per chunk, so large ones): the kernel's dL/du,
+    dL/dY and per-edge dL/dx (index-added onto the senders)."""
+    kernel = load_kernel()[0]
+    n_receivers, _, channels = h_up.shape
+    neighbours = sender.shape[0] // max(n_receivers, 1)
+    need_h, need_sh, need_u = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[9]
+    grad_h = torch.zeros_like(h_up) if need_h else None
+    grad_sh = torch.empty_like(sh) if need_sh else None
+    grad_u = torch.empty_like(u) if need_u else None
+    chunks = _chunks(n_receivers, neighbours, h_up.device, CHUNK_EDGES_SPLINE)
+    largest = max((stop - start) * neighbours for start, stop in chunks)
+    buffer_y = h_up.new_empty(largest, sh.shape[1])  # work buffers reused by every chunk
+    buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
+    for start, stop in reversed(chunks):
+        rows = slice(start * neighbours, stop * neighbours)
+        grad_u_rows, grad_y, grad_x = kernel.spline_convolution_backward(
+            grad_out[start:stop].contiguous(), table, interval[rows], u[rows].reshape(-1), sh[rows], h_up,
+            sender[rows], active[rows], table.shape[2] // channels, *ctx.interaction.fused_tables[:4], buffer_y,
+            buffer_x)
+        if need_h:
+            grad_h.index_add_(0, sender[rows], grad_x)
+        if need_sh:
+            grad_sh[rows] = grad_y
+        if need_u:
+            grad_u[rows] = grad_u_rows.view(u[rows].shape)
+    return grad_h, grad_sh, grad_u
 
 
 def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active):
-    """Per chunk (last first): radial MLP (kept or recomputed), the kernel's dL/dW, dL/dY, dL/dx, MLP backward;
-    in the spline mode the kernel gives dL/du directly."""
+    """Per chunk (last first): radial MLP (kept or recomputed), the kernel's dL/dW, dL/dY, dL/dx, MLP backward."""
     interaction = ctx.interaction
     kernel = load_kernel()[0]
     n_receivers, _, channels = h_up.shape
     neighbours = sender.shape[0] // max(n_receivers, 1)
     need_h, need_sh, need_feats, need_env = ctx.needs_input_grad[1:5]
-    spline = getattr(interaction, "spline", None)
     grad_h = torch.zeros_like(h_up) if need_h else None
     grad_sh = torch.empty_like(sh) if need_sh else None
     grad_feats = torch.empty_like(radial_x) if need_feats else None
     grad_env = torch.empty_like(radial_y) if need_env else None
-    chunks = _chunks(n_receivers, neighbours, h_up.device, CHUNK_EDGES_SPLINE if spline is not None else None)
+    chunks = _chunks(n_receivers, neighbours, h_up.device)
     largest = max((stop - start) * neighbours for start, stop in chunks)
     n_paths = interaction.radial_mlp.weights[-1].shape[1] // channels
     # work buffers reused by every chunk (the kernel initialises the rows it writes)
-    buffer_w = h_up.new_empty(largest if spline is None else 0, n_paths, channels)
+    buffer_w = h_up.new_empty(largest, n_paths, channels)
     buffer_y = h_up.new_empty(largest, sh.shape[1])
     buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
     for index in reversed(range(len(chunks))):
         start, stop = chunks[index]
         rows = slice(start * neighbours, stop * neighbours)
-        if spline is not None:
-            grad_u, grad_y, grad_x = kernel.spline_convolution_backward(
-                grad_out[start:stop].contiguous(), spline[0].tables[spline[1]], radial_y[rows],
-                radial_x[rows].view(-1), sh[rows], h_up, sender[rows], active[rows], n_paths,
-                *interaction.fused_tables[:4], buffer_y, buffer_x)
-            if need_h:
-                grad_h.index_add_(0, sender[rows], grad_x)
-            if need_sh:
-                grad_sh[rows] = grad_y
-            if need_feats:
-                grad_feats[rows] = grad_u.unsqueeze(-1)
-            continue
         if index in ctx.kept:
             feats, env, weights = ctx.kept.pop(index)  # freed as soon as it is used
         else:
@@ -399,13 +574,24 @@ def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_
 
 
 def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
-                      sender: Tensor, spline: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, N)``, chunked and fused; with
-    ``spline`` = (u, interval) of :mod:`mace_ase.model.radial_spline`, from the interaction's radial tables."""
+                      sender: Tensor, radial_rows: Optional[List[Tensor]] = None) -> Tensor:
+    """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, N)``, chunked and fused.
+
+    ``radial_rows``: ``[u, interval]`` of :mod:`mace_ase.model.radial_spline` in the spline mode, or the distinct
+    edges of :func:`distinct_radial_rows` (six tensors) in the exact mode; None: the chunked radial MLP.
+    """
     active = envelope.view(-1) != 0  # padding and r >= r_max: exactly zero weights, values and gradients
-    if spline is not None and getattr(interaction, "spline", None) is not None:
-        return _FusedConvolution.apply(interaction, h_up, sh, spline[0], spline[1], sender, active)
-    return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active)
+    spline = getattr(interaction, "spline", None)
+    if radial_rows is not None and spline is not None:
+        u, interval = radial_rows[0], radial_rows[1]
+        return _FusedConvolution.apply(interaction, h_up, sh, u, interval, sender, active,
+                                       spline[0].tables[spline[1]], interval, u)
+    if radial_rows is not None and len(radial_rows) == 6 and _use_kernel(interaction, h_up):
+        u, interval, feats, dfeats, env, denv = radial_rows
+        distinct = _DistinctEdgeTable(interaction, feats, dfeats, env, denv)
+        return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active, distinct.table,
+                                       interval, u, distinct)
+    return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

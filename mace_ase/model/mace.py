@@ -231,6 +231,37 @@ class RadialEmbedding(nn.Module):
             features = features * envelope
         return features, envelope
 
+    @torch.jit.unused
+    def r_derivatives(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tuple[Tensor, Tensor]:
+        """d features/dr ``[E, n_basis]`` and d envelope/dr ``[E, 1]`` of :meth:`forward`, in closed form (for the
+        forward-mode radial weights of :mod:`mace_ase.model.fused`; autograd's forward mode keeps process-wide
+        state, unsafe with two models in two threads). Not differentiable further."""
+        p = float(self.p)
+        u = lengths / self.r_max
+        envelope = polynomial_envelope(lengths, self.r_max, self.p)
+        # d/du of the envelope polynomial: -p(p+1)(p+2)/2 u^(p-1) (1 - u)^2
+        denvelope = (-p * (p + 1.0) * (p + 2.0) / 2.0 / self.r_max) * torch.pow(u, p - 1.0) * (1.0 - u) ** 2
+        denvelope = denvelope * (lengths < self.r_max)
+        r = lengths
+        dr = torch.ones_like(lengths)
+        if self.use_agnesi:
+            # r~ = 1 / (1 + g), g = a x^q / (1 + x^(q-p)): dr~/dr = -r~^2 g'(x) / r0,
+            # g'(x) = a x^(q-1) (q + p x^(q-p)) / (1 + x^(q-p))^2
+            r0 = 0.5 * (self.covalent_radii[z_sender] + self.covalent_radii[z_receiver]).unsqueeze(-1)
+            x = lengths / r0
+            q, p_agnesi, a = self.agnesi[0], self.agnesi[1], self.agnesi[2]
+            power = torch.pow(x, q - p_agnesi)
+            r = 1.0 / (1.0 + a * torch.pow(x, q) / (1.0 + power))
+            slope = a * torch.pow(x, q - 1.0) * (q + p_agnesi * power) / (1.0 + power) ** 2
+            dr = -r * r * slope / r0
+        # d/dr~ of prefactor sin(w r~) / r~ = prefactor (w r~ cos(w r~) - sin(w r~)) / r~^2
+        angle = self.bessel_weights * r
+        dbessel = self.prefactor * (angle * torch.cos(angle) - torch.sin(angle)) / (r * r) * dr
+        if self.apply_cutoff:
+            bessel = self.prefactor * torch.sin(angle) / r
+            return dbessel * envelope + bessel * denvelope, denvelope
+        return dbessel, denvelope
+
 
 # ZBL constants (Ziegler, Biersack & Littmark 1985), with the digits mace-torch uses:
 COULOMB_CONSTANT = 14.3996  # e^2 / (4 pi eps0) in eV * Å
@@ -372,24 +403,25 @@ class Interaction(nn.Module):
 
     @torch.jit.unused
     def fused_convolution(self, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
-                          spline: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+                          radial_rows: Optional[List[Tensor]]) -> Tensor:
         """Same result as :meth:`convolution` (fast path, eager mode only): see :mod:`mace_ase.model.fused`."""
         from mace_ase.model.fused import fused_convolution
 
-        return fused_convolution(self, h_up, sh, edge_feats, envelope, sender, spline)
+        return fused_convolution(self, h_up, sh, edge_feats, envelope, sender, radial_rows)
 
     def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
-                species_counts: List[int], spline: Optional[Tuple[Tensor, Tensor]] = None
+                species_counts: List[int], radial_rows: Optional[List[Tensor]] = None
                 ) -> Tuple[Tensor, Optional[Tensor]]:
         """Edge inputs (``sh``, ``edge_feats``, ``envelope``, ``sender``) are in the padded ``[N*K]`` layout;
-        ``spline`` (eager, fused runs only) places each edge in the radial tables of the spline mode."""
+        ``radial_rows`` (eager, fused runs only) places each edge in tabulated radial weights
+        (:meth:`MACE.tabulated_radial_rows`)."""
         n_nodes = h.shape[0]
         sc: Optional[Tensor] = None
         if self.residual:
             sc = self.skip(h, species_counts)
         h_up = self.linear_up(h)
         if self.fused and not torch.jit.is_scripting():
-            convolved = self.fused_convolution(h_up, sh, edge_feats, envelope, sender, spline)
+            convolved = self.fused_convolution(h_up, sh, edge_feats, envelope, sender, radial_rows)
         else:
             convolved = self.convolution(h_up.index_select(0, sender), sh, edge_feats, envelope, n_nodes)
         message = self.linear(convolved)  # [N, D, C], D = (l_max + 1)^2 components of the hidden irreps
@@ -580,21 +612,29 @@ class MACE(nn.Module):
         """
         sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
         edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
-        spline: Optional[Tuple[Tensor, Tensor]] = None
-        if self.use_radial_spline and not torch.jit.is_scripting():
-            spline = self.spline_coordinates(lengths, z_sender, z_receiver)
+        radial_rows: Optional[List[Tensor]] = None
+        if not torch.jit.is_scripting():
+            radial_rows = self.tabulated_radial_rows(lengths, z_sender, z_receiver, envelope)
         h = self.embedding[species].unsqueeze(1)  # [N, 1, C]: layer-0 features are scalars
         features: List[Tensor] = []
         for interaction, product in zip(self.interactions, self.products):
-            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts, spline)
+            message, sc = interaction(h, sh, edge_feats, envelope, sender, species_counts, radial_rows)
             h = product(message, sc, species_counts)
             features.append(h)
         return features
 
     @torch.jit.unused
-    def spline_coordinates(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tuple[Tensor, Tensor]:
-        """Each edge's place in the radial tables (spline mode, :mod:`mace_ase.model.radial_spline`)."""
-        return self.radial_spline.coordinates(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
+    def tabulated_radial_rows(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor
+                              ) -> Optional[List[Tensor]]:
+        """Each edge's row in tabulated radial weights, for the fused kernel: ``[u, interval]`` in the spline
+        tables (:mod:`mace_ase.model.radial_spline`), or, in the exact mode, among the distinct edges whose
+        radial MLP is evaluated once (:func:`mace_ase.model.fused.distinct_radial_rows`); None: per edge."""
+        if self.use_radial_spline:
+            u, interval = self.radial_spline.coordinates(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
+            return [u, interval]
+        from mace_ase.model.fused import distinct_radial_rows
+
+        return distinct_radial_rows(self, lengths, z_sender, z_receiver, envelope)
 
     def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, head: int, species_counts: List[int]
                       ) -> Tensor:

@@ -9,7 +9,8 @@
 // caller per chunk) or, in the opt-in spline mode (radial_spline.py), the polynomial of the edge's interval,
 //     W(u) = sum_k c_k u^k (Horner), table [rows, 4 or 6, P*C] (cubic or quintic), u in [0, 1) inside the interval,
 // evaluated on the fly (in registers in the forward pass, into small per-thread block buffers in the backward pass:
-// no [E, P, C] array at all); its backward pass returns dL/du.
+// no [E, P, C] array at all); its backward pass returns dL/du. The exact mode's distinct-edge rows (fused.py,
+// distinct_radial_rows) use the same path with two coefficients [W, dW/dr] at u = 0: then dL/du is dL/dr.
 //
 // Tables (built in fused.py from the ConvolutionPath modules):
 //   pa     [n_pa, 2]   int64: (radial weight row p, sender feature component a) of each weight-times-feature vector
@@ -177,7 +178,16 @@ struct RadialSource {
   const scalar_t* u = nullptr;         // [E] position of the edge inside its interval
   int64_t PC = 0;
   int64_t C = 0;
-  int64_t n_coef = 4;                  // 4: cubic, 6: quintic Hermite (radial_spline.DEGREE + 1)
+  int64_t n_coef = 4;                  // 4: cubic, 6: quintic Hermite (radial_spline.DEGREE + 1), 2: [W, dW/dr]
+
+  // Ask for edge e's two-coefficient row (the exact mode's distinct edges, fused.py) ahead of its use, into L2:
+  // those tables are too large for the caches and read in an order the hardware prefetcher cannot guess.
+  void prefetch(int64_t e) const {
+    if (table == nullptr || n_coef > 2) return;
+    const char* start = reinterpret_cast<const char*>(table + interval[e] * n_coef * PC);
+    const int64_t bytes = n_coef * PC * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset, 0, 2);
+  }
 
   // The channel block [c0, c0 + width) of the edge's weight row p, in registers (Horner's rule).
   template <typename B>
@@ -420,6 +430,7 @@ void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, con
           if (active[r * K + k]) edges[n_edges++] = r * K + k;
         }
         if (n_edges == 0) break;
+        for (int i = 0; i < kGroup && r * K + k + i < n_recv * K; ++i) radial.prefetch(r * K + k + i);
         for (int i = 0; i < kGroup; ++i) {
           if (i < n_edges) {
             tab.coefficients(Y + edges[i] * S, G.data() + i * tab.stride);
@@ -512,6 +523,7 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
       const scalar_t* g = grad_out + r * D_out * C;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = r * K + k;
+        if (e + 1 < n_recv * K) radial.prefetch(e + 1);
         scalar_t* gw_e = spline ? nullptr : grad_W + e * P * C;
         scalar_t* gx_e = grad_x_edge + e * D_in * C;
         scalar_t* gy_e = grad_Y + e * S;
@@ -631,9 +643,9 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
 
 void check_spline(const torch::Tensor& table, const torch::Tensor& interval, const torch::Tensor& u,
                   const torch::Tensor& x, int64_t P, int64_t C) {
-  TORCH_CHECK(table.is_contiguous() && table.dim() == 3 && (table.size(1) == 4 || table.size(1) == 6) &&
-              table.size(2) == P * C &&
-              table.scalar_type() == x.scalar_type(), "spline table must be a contiguous [rows, 4 or 6, P*C] tensor");
+  TORCH_CHECK(table.is_contiguous() && table.dim() == 3 && table.size(1) >= 2 && table.size(1) <= 6 &&
+              table.size(2) == P * C && table.scalar_type() == x.scalar_type(),
+              "spline table must be a contiguous [rows, 2 to 6, P*C] tensor");
   TORCH_CHECK(interval.is_contiguous() && interval.scalar_type() == torch::kInt64 && u.is_contiguous() &&
               u.scalar_type() == x.scalar_type(), "spline coordinates: int64 intervals and u of the model dtype");
   if (interval.numel() > 0) {
@@ -666,7 +678,7 @@ std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::T
                        W.size(1), W.size(2), pa, pairs, terms, values, grad_W_buffer, grad_Y_buffer, grad_x_buffer);
 }
 
-// Spline mode: table [rows, 4 or 6, P*C], interval [E] (int64 rows of the table), u [E]. Returns [n_recv, D_out, C].
+// Spline mode: table [rows, 2 to 6, P*C], interval [E] (int64 rows of the table), u [E]. Returns [n_recv, D_out, C].
 torch::Tensor spline_convolution_forward(torch::Tensor table, torch::Tensor interval, torch::Tensor u,
                                          torch::Tensor Y, torch::Tensor x, torch::Tensor sender, torch::Tensor active,
                                          int64_t n_recv, int64_t D_out, int64_t P, torch::Tensor pa,
