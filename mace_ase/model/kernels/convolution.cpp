@@ -180,15 +180,6 @@ struct RadialSource {
   int64_t C = 0;
   int64_t n_coef = 4;                  // 4: cubic, 6: quintic Hermite (radial_spline.DEGREE + 1), 2: [W, dW/dr]
 
-  // Ask for edge e's two-coefficient row (the exact mode's distinct edges, fused.py) ahead of its use, into L2:
-  // those tables are too large for the caches and read in an order the hardware prefetcher cannot guess.
-  void prefetch(int64_t e) const {
-    if (table == nullptr || n_coef > 2) return;
-    const char* start = reinterpret_cast<const char*>(table + interval[e] * n_coef * PC);
-    const int64_t bytes = n_coef * PC * static_cast<int64_t>(sizeof(scalar_t));
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset, 0, 2);
-  }
-
   // The channel block [c0, c0 + width) of the edge's weight row p, in registers (Horner's rule).
   template <typename B>
   B row(int64_t e, int64_t p, int64_t c0) const {
@@ -430,7 +421,6 @@ void forward_kernel(const RadialSource<scalar_t>& radial, const scalar_t* Y, con
           if (active[r * K + k]) edges[n_edges++] = r * K + k;
         }
         if (n_edges == 0) break;
-        for (int i = 0; i < kGroup && r * K + k + i < n_recv * K; ++i) radial.prefetch(r * K + k + i);
         for (int i = 0; i < kGroup; ++i) {
           if (i < n_edges) {
             tab.coefficients(Y + edges[i] * S, G.data() + i * tab.stride);
@@ -523,7 +513,6 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
       const scalar_t* g = grad_out + r * D_out * C;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = r * K + k;
-        if (e + 1 < n_recv * K) radial.prefetch(e + 1);
         scalar_t* gw_e = spline ? nullptr : grad_W + e * P * C;
         scalar_t* gx_e = grad_x_edge + e * D_in * C;
         scalar_t* gy_e = grad_Y + e * S;
