@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
 # one call (benchmarks/time_calculator.py) and rounded up: the chunked convolution (mace_ase.model.fused, the
 # default, 512-row CPU chunks) on 182,560-edge Si with MP-0 medium (128 channels): 2.0 / 2.3 kB per edge (exact /
 # spline) in float32, 5.2 / 5.0 kB in float64 (benchmarks/RESULTS.md), i.e. below 6 B per edge, channel and byte
-# plus 1 kB; the reference convolution ~75 B (MP-0 medium float64: 75-85 kB/edge).
+# plus 1 kB; the reference convolution ~75 B (MP-0 medium float64: 75-85 kB/edge). The exact mode's distinct-edge
+# tables (mace_ase.model.fused.PAIRED_TABLE_BYTES) add at most 384 MB, and only to graphs small enough for them
+# (~1,000 Si atoms): more per edge than this estimate there (7 kB/edge at 512 atoms), far below any budget.
 _BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 6, False: 80}
 _BYTES_PER_EDGE_FIXED = 1000
 _DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available now
