@@ -68,6 +68,26 @@ def model_file() -> Path:
     return fixture_model("mp0a_small")
 
 
+def threaded_matches_sequential(run, jobs: list[tuple], tolerance: float = 0.0) -> None:
+    """``run(*job, out)`` appends (energy, forces) to ``out``: each job run in its own thread at once gives what it
+    gives run alone, one after the other (to ``tolerance``; 0: bit for bit)."""
+    import threading
+
+    sequential = [[] for _ in jobs]
+    for job, out in zip(jobs, sequential):
+        run(*job, out)
+    threaded = [[] for _ in jobs]
+    threads = [threading.Thread(target=run, args=(*job, out)) for job, out in zip(jobs, threaded)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seq, par in zip(sequential, threaded):
+        assert len(par) == len(seq) > 0
+        for (e1, f1), (e2, f2) in zip(seq, par):
+            assert abs(e1 - e2) <= tolerance and np.abs(f1 - f2).max() <= tolerance
+
+
 def place_as_cached(folder: Path, name: str, source: Path) -> Path:
     """Copy ``source`` into ``folder`` under the file name the catalogue uses for model ``name``."""
     from mace_ase.io import registry

@@ -9,7 +9,6 @@ import json
 import logging
 import pickle
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 from ase.calculators.calculator import PropertyNotImplementedError
 
 import mace_ase
-from conftest import FIXTURES, fixture_model, references, structure
+from conftest import FIXTURES, fixture_model, references, structure, threaded_matches_sequential
 from mace_ase import load_model
 from mace_ase.calculator import MACECalculator
 from mace_ase.model.mace import MACE
@@ -209,19 +208,7 @@ def test_two_calculators_in_two_threads_match_sequential_runs() -> None:
             atoms.calc = calc
             out.append((atoms.get_potential_energy(), atoms.get_forces().copy()))
 
-    sequential = [[] for _ in jobs]
-    for job, out in zip(jobs, sequential):
-        run(*job, out)
-    threaded = [[] for _ in jobs]
-    threads = [threading.Thread(target=run, args=(*job, out)) for job, out in zip(jobs, threaded)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for seq, par in zip(sequential, threaded):
-        assert len(par) == 3
-        for (e1, f1), (e2, f2) in zip(seq, par):
-            assert e1 == e2 and np.array_equal(f1, f2)
+    threaded_matches_sequential(run, jobs)
 
 
 def test_pickle_round_trip_reloads_the_file(tmp_path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ase.build import bulk
-from conftest import fixture_model
+from conftest import fixture_model, threaded_matches_sequential
 
 from mace_ase.calculator import MACECalculator
 from mace_ase.model.build import load_model
@@ -40,7 +40,6 @@ def test_a_module_in_training_mode_is_not_switched_to_eval():
 def test_one_module_in_two_threads_matches_sequential_runs():
     """Calculators in two threads sharing one module: each call's exact-mode tables (whose storage the module keeps
     between calls) are its own thread's, so the results are those of sequential runs."""
-    import threading
 
     module = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64")
     structures = []
@@ -57,16 +56,4 @@ def test_one_module_in_two_threads_matches_sequential_runs():
             moved.calc = calc
             out.append((moved.get_potential_energy(), moved.get_forces().copy()))
 
-    sequential = [[], []]
-    for atoms, out in zip(structures, sequential):
-        run(atoms, out)
-    threaded = [[], []]
-    threads = [threading.Thread(target=run, args=(atoms, out)) for atoms, out in zip(structures, threaded)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for seq, par in zip(sequential, threaded):
-        assert len(par) == 4
-        for (e1, f1), (e2, f2) in zip(seq, par):
-            assert abs(e1 - e2) < 1e-10 and np.abs(f1 - f2).max() < 1e-10
+    threaded_matches_sequential(run, [(atoms,) for atoms in structures], tolerance=1e-10)

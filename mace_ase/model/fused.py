@@ -330,8 +330,12 @@ def distinct_table_edges(model: Any) -> Optional[int]:
     evaluation keeps its batches below it); None where that path does not apply (spline mode, no kernel)."""
     if not _distinct_rows_apply(model):
         return None
-    width = sum(int(i.radial_mlp.weights[-1].shape[1]) for i in model.interactions)
-    return PAIRED_TABLE_BYTES // (width * model.r_max.element_size())
+    return PAIRED_TABLE_BYTES // (_table_width(model) * model.r_max.element_size())
+
+
+def _table_width(model: Any) -> int:
+    """Radial weights per edge, all layers together (P*C summed)."""
+    return sum(int(i.radial_mlp.weights[-1].shape[1]) for i in model.interactions)
 
 
 def distinct_radial_rows(model: Any, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor
@@ -347,7 +351,6 @@ def distinct_radial_rows(model: Any, lengths: Tensor, z_sender: Tensor, z_receiv
     is symmetric, and identical inputs give identical weights: the result is the per-edge evaluation's up to the
     order of floating-point sums.
     """
-    interactions = list(model.interactions)
     if lengths.device.type != "cpu" or not _distinct_rows_apply(model):
         return None
     r = lengths.detach().view(-1)
@@ -361,8 +364,7 @@ def distinct_radial_rows(model: Any, lengths: Tensor, z_sender: Tensor, z_receiv
     first = torch.ones(order.shape[0], dtype=torch.bool)
     first[1:] = (r_sorted[1:] != r_sorted[:-1]) | (code_sorted[1:] != code_sorted[:-1])
     n_distinct = int(first.sum())
-    width = sum(int(i.radial_mlp.weights[-1].shape[1]) for i in interactions)
-    if n_distinct * 2 * width * lengths.element_size() > PAIRED_TABLE_BYTES:
+    if n_distinct * 2 * _table_width(model) * lengths.element_size() > PAIRED_TABLE_BYTES:
         return None
     # number the distinct values in the order of their first edge (the stable sorts put it first in its group):
     # the kernel then reads the table mostly forwards
