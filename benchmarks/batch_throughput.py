@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "emt-demo.model"))
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--radial", choices=("exact", "spline"), default="exact")
+    parser.add_argument("--radial", choices=("auto", "exact", "spline"), default="auto")
     parser.add_argument("--set", choices=("metals", "molecules"), default="metals",
                         help="metals: periodic cells, 8-64 atoms (emt-demo); molecules: 3-14 atoms, no cell "
                              "(use a model with H, C, O, e.g. tests/fixtures/models/mp0a_small.model)")

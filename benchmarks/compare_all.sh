@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # mace-torch 0.3.16, Symmetrix-XL 0.1.1 and mace-ase timed side by side on the same full-size model files and
-# structures, interleaved (for each case: mace-torch, mace-ase exact, mace-ase radial='spline', Symmetrix, then
-# again), each in its own virtualenv.
+# structures, interleaved (for each case: mace-torch, mace-ase radial='exact', mace-ase as installed (default
+# radial='auto': tabulated radial weights on the CPU), Symmetrix, then again), each in its own virtualenv.
 # Installs what is missing, writes JSON lines to $OUT and the table to benchmarks/RESULTS.md (benchmarks/summarize.py).
 #
 #   bash benchmarks/compare_all.sh                    # defaults below; environment variables override them
@@ -55,7 +55,7 @@ for threads in $THREADS; do
         model="$FULLSIZE/$name.model"
         run mace-torch "$ORACLE_PY" "$model" "$dtype" "$threads" "$round"
         run ours "$OURS_PY" "$model" "$dtype" "$threads" "$round"
-        run ours-spline "$OURS_PY" "$model" "$dtype" "$threads" "$round"
+        run ours-default "$OURS_PY" "$model" "$dtype" "$threads" "$round"
         if [ "$name" = mpa0_medium_fullsize ] && [[ " $SYMMETRIX_DTYPES " == *" $dtype "* ]]; then
           run symmetrix "$SYMMETRIX_PY" "$FULLSIZE/$name.json" "$dtype" "$threads" "$round"
         fi

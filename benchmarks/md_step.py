@@ -1,6 +1,7 @@
 """ASE VelocityVerlet step time (neighbour list included) of the emt-demo model, float64, 1 thread.
 
-    python benchmarks/md_step.py ours|ours-spline|mace-torch 108|500|1000   (mace-torch: the oracle virtualenv)
+    python benchmarks/md_step.py ours|ours-spline|ours-default|mace-torch 108|500|1000   (mace-torch: the oracle
+    virtualenv; ours: radial="exact", ours-default: no radial argument, i.e. radial="auto")
 """
 import sys
 import time
@@ -19,8 +20,8 @@ if impl == "mace-torch":
     calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64")
 else:
     from mace_ase import MACECalculator
-    calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64", skin=1.0,
-                          radial="spline" if impl == "ours-spline" else "exact")
+    radial = {"ours": {"radial": "exact"}, "ours-spline": {"radial": "spline"}}.get(impl, {})
+    calc = MACECalculator(model_paths=model, device="cpu", default_dtype="float64", skin=1.0, **radial)
 atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat({108: (3, 3, 3), 500: (5, 5, 5), 1000: (7, 6, 6)}[n])
 atoms.calc = calc
 MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(1))

@@ -18,6 +18,7 @@ from collections import defaultdict
 
 START, END = "<!-- compare_all:start -->", "<!-- compare_all:end -->"
 NAMES = {"mace-torch": "mace-torch 0.3.16", "ours": "mace-ase", "ours-spline": "mace-ase (spline)",
+         "ours-default": "mace-ase (default)",
          "symmetrix": "Symmetrix-XL 0.1.1"}
 MODELS = {"mp0_medium_fullsize.model": "MP-0 medium", "mpa0_medium_fullsize.model": "MPA-0 medium"}
 
@@ -53,7 +54,7 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
-        for impl in ("mace-torch", "ours", "ours-spline", "symmetrix"):
+        for impl in ("mace-torch", "ours", "ours-spline", "ours-default", "symmetrix"):
             group = groups.get((*case, impl))
             if not group:
                 continue
@@ -66,7 +67,8 @@ def table(rows: list[dict]) -> str:
             symm_t = best.get((*case, "symmetrix"))
             vs_torch = f"{torch_t / t:.1f}x" if torch_t and impl != "mace-torch" else ""
             vs_symm = f"{symm_t / t:.2f}x" if symm_t and impl != "symmetrix" else ""
-            name = {"ours": "**mace-ase**", "ours-spline": "**mace-ase, radial='spline'**"}.get(impl) or NAMES[impl]
+            name = {"ours": "**mace-ase, radial='exact'**", "ours-spline": "**mace-ase, radial='spline'**",
+                    "ours-default": "**mace-ase, default (radial='auto')**"}.get(impl) or NAMES[impl]
             lines.append(
                 f"| {MODELS.get(case[0], case[0])} | {case[1]} | {case[2]} | {case[3]} ({edges:,}) | {name} | "
                 f"{t:.3f} ({bests[0]:.3f}-{bests[-1]:.3f}) | {1e6 * t / case[3]:,.0f} | {memory} | {vs_torch} | "

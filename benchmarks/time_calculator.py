@@ -40,7 +40,9 @@ def _current_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "ours-spline", "mace-torch", "symmetrix"], required=True)
+    # ours: radial="exact"; ours-spline: radial="spline"; ours-default: no radial argument (radial="auto")
+    parser.add_argument("--impl", choices=["ours", "ours-spline", "ours-default", "mace-torch", "symmetrix"],
+                        required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
@@ -52,11 +54,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    if args.impl in ("ours", "ours-spline"):
+    if args.impl.startswith("ours"):
         from mace_ase.calculator import MACECalculator
 
-        calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype,
-                              radial="spline" if args.impl == "ours-spline" else "exact")
+        radial = {"ours": {"radial": "exact"}, "ours-spline": {"radial": "spline"}}.get(args.impl, {})
+        calc = MACECalculator(model_paths=args.model, device=args.device, default_dtype=args.dtype, **radial)
     elif args.impl == "symmetrix":
         import symmetrix.jit
         from symmetrix import Symmetrix

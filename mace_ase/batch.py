@@ -14,9 +14,9 @@ Batches are sized from a memory estimate: the model's work is laid out as a padd
 K = the largest neighbour count in the batch), so a batch costs about ``N * K * bytes_per_edge`` (see
 :func:`bytes_per_padded_edge`). The budget is half the free GPU memory on CUDA, and a quarter of the available RAM
 (at most 4 GiB) on the CPU, unless ``memory_budget`` says otherwise. ``batch_size`` caps the structures per batch.
-In the exact mode on the CPU a batch also stays small enough for the radial MLP to run once per distinct edge
-(:func:`mace_ase.model.fused.distinct_table_edges`: about 160,000 edges for the emt-demo model in float64, 56,000
-for MPA-0 medium in float32).
+In the ``radial="exact"`` mode on the CPU a batch also stays small enough for the radial MLP to run once per
+distinct edge (:func:`mace_ase.model.fused.distinct_table_edges`: about 160,000 edges for the emt-demo model in
+float64, 56,000 for MPA-0 medium in float32).
 
 Units: eV, Å, eV/Å, eV/Å³ (ASE's). Stress in Voigt order (xx, yy, zz, yz, xz, xy), ASE sign, only for fully
 periodic structures (``None`` otherwise).
@@ -39,7 +39,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.fused import distinct_table_edges
 from mace_ase.model.mace import MACE
-from mace_ase.model.radial_spline import check_radial, set_radial
+from mace_ase.model.radial_spline import check_radial, current_radial, effective_radial, set_radial
 from mace_ase.neighbours import neighbour_list
 from mace_ase.options import resolve_device
 
@@ -116,7 +116,7 @@ class _Graph:
 def _resolve_model(model, device: torch.device, dtype: torch.dtype, radial: str) -> MACE:
     if isinstance(model, MACE):
         model = model.to(device=device, dtype=dtype).eval()
-        if (radial == "spline") != model.use_radial_spline:  # the other radial mode: on a copy, never in place
+        if current_radial(model) != effective_radial(model, radial):  # another radial mode: on a copy, never in place
             model = copy.deepcopy(model)
             set_radial(model, radial)
         return model
@@ -127,7 +127,7 @@ def _resolve_model(model, device: torch.device, dtype: torch.dtype, radial: str)
 
 def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = None, device: Optional[str] = None,
              dtype: str = "float64", head: Optional[str] = None, memory_budget: Optional[int] = None,
-             radial: str = "exact") -> BatchResults:
+             radial: str = "auto") -> BatchResults:
     """Energies, forces and stresses of many structures, several per model call.
 
     Args:
@@ -139,8 +139,8 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
         dtype: ``"float64"`` or ``"float32"``.
         head: head of a multi-head model (``None``: the only head, or "Default").
         memory_budget: bytes one batch may use (default: see the module docstring).
-        radial: ``"exact"`` or ``"spline"`` (opt-in tabulated radial weights, as in
-            :class:`~mace_ase.calculator.MACECalculator`).
+        radial: ``"auto"`` (default), ``"exact"`` or ``"spline"``: the radial weights, as in
+            :class:`~mace_ase.calculator.MACECalculator`.
 
     Returns:
         :class:`BatchResults` (eV, eV/Å, eV/Å³).

@@ -28,7 +28,8 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.mace import MACE
-from mace_ase.model.radial_spline import check_radial, disable_spline, set_radial
+from mace_ase.model.radial_spline import (check_radial, current_radial, disable_spline, effective_radial, radial_mlp,
+                                          set_radial)
 from mace_ase.neighbours import VerletNeighbourList
 from mace_ase import validation
 
@@ -115,13 +116,18 @@ class MACECalculator(Calculator):
             available at the call (GPU memory on CUDA).
         min_distance: atoms closer than this (Å) are refused, naming them (duplicated atoms give NaN in MACE);
             ``0`` turns the check off.
-        radial: ``"exact"`` (default: the file's radial MLP, mace-torch's numbers to 1e-9 eV/atom) or
-            ``"spline"``: the radial weights tabulated once per element pair as piecewise quintic polynomials
-            (:mod:`mace_ase.model.radial_spline`), 2-2.5x faster per call on the CPU; in float64 on the test
-            fixtures at most 1.1e-11 eV/atom, 1.2e-9 eV/Å and 2.4e-10 eV/Å³ from mace-torch (inside the exact
-            mode's bar of 1e-9 eV/atom, 1e-8 eV/Å, which the tests assert);
-            forces and stresses stay the exact derivatives of the splined energy, so MD conserves energy;
-            Hessians ~1e-4 relative. Opt-in; ``calc.parameters["radial"]`` records it.
+        radial: how the radial weights (the radial MLP of the file, a fixed function of the edge length and
+            element pair) are evaluated. ``"auto"`` (default): on the CPU with the compiled kernel, tabulated once
+            per element pair as piecewise quintic polynomials (:mod:`mace_ase.model.radial_spline`), 2-2.5x
+            faster per call; in float64 on the test fixtures at most 1.1e-11 eV/atom, 1.2e-9 eV/Å and
+            2.4e-10 eV/Å³ from mace-torch, inside the bar of 1e-9 eV/atom and 1e-8 eV/Å that the tests assert
+            (in float32 the tables are 1e-9 relative, far below float32's own rounding); forces and stresses are
+            the exact derivatives of that energy, so MD conserves energy. Tables cost 0.1-0.6 s and 10-40 MB
+            per element pair at first use (MACE-MPA-0 medium; MP-0 models have one set for all pairs); past
+            1 GB of them, and for :meth:`get_hessian`, calls evaluate the MLP. On CUDA (or without the
+            compiler) ``"auto"`` is ``"exact"``. ``"exact"``: the MLP for every (distinct) edge, mace-torch's
+            numbers to 1e-14. ``"spline"``: always the tables, Hessians included (~1e-4 relative there).
+            ``calc.parameters["radial"]`` records the choice.
         model_path: mace-torch's older singular spelling of ``model_paths`` (deprecated).
 
     Bad input (NaN/inf positions or cell, atomic numbers outside 1..118, elements the model lacks, a periodic cell
@@ -143,7 +149,7 @@ class MACECalculator(Calculator):
     def __init__(self, model_paths: str | os.PathLike | MACE | Sequence[str | os.PathLike | MACE] | None = None,
                  device: str | None = None, default_dtype: str = "float64", head: str | None = None,
                  skin: float = 0.0, compute_atomic_stresses: bool = False, num_threads: int | None = None,
-                 memory_limit_gb: float | None = None, min_distance: float = 0.1, radial: str = "exact",
+                 memory_limit_gb: float | None = None, min_distance: float = 0.1, radial: str = "auto",
                  **kwargs: Any) -> None:
         model_paths = _accept_mace_torch_keywords(model_paths, kwargs)
         self.radial = check_radial(radial)
@@ -222,9 +228,9 @@ class MACECalculator(Calculator):
             # never convert the caller's module in place: another calculator may be using it
             tensors = [*source.parameters(), *source.buffers()]
             floating = [t for t in tensors if t.is_floating_point()]
-            spline = self.radial == "spline"
             if (not source.training and all(t.device == self.device for t in tensors)
-                    and all(t.dtype == self.dtype for t in floating) and source.use_radial_spline == spline):
+                    and all(t.dtype == self.dtype for t in floating)
+                    and current_radial(source) == effective_radial(source, self.radial)):
                 return source
             converted = copy.deepcopy(source)
             disable_spline(converted)  # tables are per device and dtype: made afresh below when wanted
@@ -485,7 +491,7 @@ class MACECalculator(Calculator):
         if len(atoms) == 0:
             self._check(atoms)
             return np.zeros((0, 0))
-        with self._threads():
+        with self._threads(), radial_mlp():  # radial="auto": exact second derivatives from the MLP
             graph = self._graph(atoms)
             positions = graph.pop("positions").requires_grad_(True)
             model = self.models[0]

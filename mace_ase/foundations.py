@@ -200,7 +200,7 @@ def _build(function: str, families: Iterable[str], model, device, default_dtype,
 
         model_module = load_model(path, device=resolve_torch_device(device),  # a clear error for CUDA without CUDA
                                   dtype=resolve_dtype(default_dtype, "default_dtype"),
-                                  radial=kwargs.pop("radial", "exact"))
+                                  radial=kwargs.pop("radial", "auto"))
         if entry is not None:
             licence_notice(entry)
         return model_module

@@ -221,7 +221,9 @@ def test_export_keeps_the_radial_mode(tmp_path) -> None:
     unified = export_lammps(EMT_DEMO, tmp_path / "s.mliap.pkl", radial="spline")
     back = load_lammps_model(tmp_path / "s.mliap.pkl")
     assert back.radial == "spline" and back.model().use_radial_spline
-    assert not export_lammps(EMT_DEMO, tmp_path / "e.mliap.pkl").model().use_radial_spline
+    assert export_lammps(EMT_DEMO, tmp_path / "a.mliap.pkl").radial == "auto"  # the default: tables on the CPU
+    assert load_lammps_model(tmp_path / "a.mliap.pkl").model().use_radial_spline
+    assert not export_lammps(EMT_DEMO, tmp_path / "e.mliap.pkl", radial="exact").model().use_radial_spline
     with pytest.raises(ValueError, match="radial must be one of"):
         export_lammps(EMT_DEMO, tmp_path / "x.mliap.pkl", radial="linear")
     assert unified.radial == "spline"
@@ -303,7 +305,7 @@ def test_pair_mace_no_domain_decomposition(scripted) -> None:
     data = pair_mace_input(scripted, atoms.positions, atoms.numbers, edge_index, unit_shifts @ atoms.cell.array,
                            unit_shifts, atoms.cell.array)
     out = scripted(data, torch.ones(len(atoms), dtype=torch.bool), True)
-    atoms.calc = MACECalculator(EMT_DEMO, device="cpu")
+    atoms.calc = MACECalculator(EMT_DEMO, device="cpu", radial="exact")  # TorchScript: the radial MLP
     assert out["total_energy_local"].shape == (1,)
     assert out["total_energy_local"].item() == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(out["node_energy"].numpy(), atoms.get_potential_energies(), atol=1e-10)
@@ -326,7 +328,7 @@ def test_pair_mace_domain_decomposition(scripted) -> None:
     out = scripted(data, local, True)
     folded = np.zeros((len(atoms), 3))
     np.add.at(folded, owner, out["forces"].numpy())
-    atoms.calc = MACECalculator(EMT_DEMO, device="cpu")
+    atoms.calc = MACECalculator(EMT_DEMO, device="cpu", radial="exact")  # TorchScript: the radial MLP
     assert out["total_energy_local"].item() == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(out["node_energy"][: len(atoms)].numpy(), atoms.get_potential_energies(), atol=1e-10)
     np.testing.assert_allclose(folded, atoms.get_forces(), rtol=0, atol=1e-10)

@@ -3,7 +3,9 @@
 The references were computed by mace-torch itself, run in separate virtualenvs: mace-torch 0.3.16 for
 ``references.json`` (tests/fixtures/make_fixtures.py) and mace-torch 0.3.3 for ``references_v033.json``
 (tests/fixtures/make_fixtures_v033.py: the file layout of the first MACE-MP-0 releases). The tolerances are those of
-issue 2. ``check_case`` is shared with tests/test_default_dtype.py.
+issue 2. ``check_case`` is shared with tests/test_default_dtype.py. Every case runs twice: in the default
+``radial="auto"`` mode (on the CPU kernel: tabulated radial weights, :mod:`mace_ase.model.radial_spline`) and with
+``radial="exact"`` (the radial MLP for every distinct edge): both must be inside the same bar.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ase import Atoms
 
 from conftest import FIXTURES
 from mace_ase.calculator import MACECalculator
+from mace_ase.model import fused
 
 REFERENCE_FILES = ("references.json", "references_v033.json")
 
@@ -55,11 +58,11 @@ def all_cases() -> list[tuple[str, str, dict]]:
     ]
 
 
-def _calculator(file_name: str, model: str, dtype: str, head: str | None) -> MACECalculator:
-    key = (file_name, model, dtype, head)
+def _calculator(file_name: str, model: str, dtype: str, head: str | None, radial: str = "auto") -> MACECalculator:
+    key = (file_name, model, dtype, head, radial)
     if key not in _CALCULATORS:
         _CALCULATORS[key] = MACECalculator(model_paths=str(model_path(file_name, model)), device="cpu",
-                                           default_dtype=dtype, head=head)
+                                           default_dtype=dtype, head=head, radial=radial)
     return _CALCULATORS[key]
 
 
@@ -103,10 +106,14 @@ def check_case(results: dict, case: dict, n_atoms: int, periodic: bool) -> None:
         assert not periodic
 
 
+@pytest.mark.parametrize("radial", ["auto", "exact"])
 @pytest.mark.parametrize("file_name,model,case", _cases())
-def test_matches_mace_torch(file_name: str, model: str, case: dict) -> None:
+def test_matches_mace_torch(file_name: str, model: str, case: dict, radial: str) -> None:
+    """The default (tabulated radial weights on the CPU kernel) and the radial MLP for every edge."""
     atoms = reference_atoms(file_name, case["structure"])
-    atoms.calc = _calculator(file_name, model, case["dtype"], case["head"])
+    atoms.calc = _calculator(file_name, model, case["dtype"], case["head"], radial)
+    tables = atoms.calc.models[0].use_radial_spline
+    assert tables == (radial == "auto" and fused.load_kernel()[0] is not None)
     results = {
         "energy": atoms.get_potential_energy(),
         "forces": atoms.get_forces(),

@@ -1,9 +1,15 @@
-"""The opt-in spline mode (``radial="spline"``): close to mace-torch, conservative, and never on by accident."""
+"""Tabulated radial weights: ``radial="spline"`` (always) and the default ``radial="auto"`` (on the CPU kernel,
+with the exact MLP for Hessians and past the table budget): close to mace-torch, conservative.
+
+Parity of the default with mace-torch on every fixture, at the exact mode's float64 bar, is asserted in
+tests/test_parity.py (each case in both ``"auto"`` and ``"exact"``)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -15,42 +21,6 @@ from mace_ase import evaluate
 from mace_ase.calculator import MACECalculator
 from mace_ase.model import fused, radial_spline
 from mace_ase.model.build import load_model
-from test_parity import all_cases, model_path, reference_atoms
-
-# The stated accuracy of the spline mode in float64 (its default tolerance there, radial_spline.DEFAULT_TOLERANCE),
-# against mace-torch: the exact mode's own float64 parity bar (test_parity.check_case).
-ENERGY_PER_ATOM = 1e-9  # eV/atom
-FORCE = 1e-8  # eV/Å
-STRESS = 1e-9  # eV/Å³ (0.16 kPa)
-
-_SPLINE_CALCULATORS: dict = {}
-
-
-def _spline_calculator(file_name: str, model: str, head: str | None) -> MACECalculator:
-    key = (file_name, model, head)
-    if key not in _SPLINE_CALCULATORS:
-        _SPLINE_CALCULATORS[key] = MACECalculator(model_paths=str(model_path(file_name, model)), device="cpu",
-                                                  default_dtype="float64", head=head, radial="spline")
-    return _SPLINE_CALCULATORS[key]
-
-
-def _float64_cases():
-    return [pytest.param(f, m, c, id=f"{m}-{c['structure']}-{c['head']}")
-            for f, m, c in all_cases() if c["dtype"] == "float64"]
-
-
-@pytest.mark.parametrize("file_name,model,case", _float64_cases())
-def test_spline_mode_is_within_the_stated_accuracy_of_mace_torch(file_name: str, model: str, case: dict) -> None:
-    atoms = reference_atoms(file_name, case["structure"])
-    atoms.calc = _spline_calculator(file_name, model, case["head"])
-    assert atoms.calc.models[0].use_radial_spline and atoms.calc.parameters["radial"] == "spline"
-    n_atoms = len(atoms)
-    assert abs(atoms.get_potential_energy() - case["energy"]) / n_atoms <= ENERGY_PER_ATOM
-    assert np.abs(atoms.get_forces() - np.array(case["forces"])).max(initial=0.0) <= FORCE
-    assert np.abs(atoms.calc.results["energies"] - np.array(case["energies"])).max() <= ENERGY_PER_ATOM
-    if case["stress"] is not None:
-        assert np.abs(atoms.get_stress() - np.array(case["stress"])).max() <= STRESS
-
 
 def _pair(dtype: str = "float64", name: str = "mpa0_density", radial: str = "spline") -> MACECalculator:
     return MACECalculator(model_paths=str(fixture_model(name)), device="cpu", default_dtype=dtype, radial=radial)
@@ -156,7 +126,7 @@ def test_a_tighter_tolerance_gives_a_finer_grid_and_a_smaller_error() -> None:
 
 
 def test_bad_radial_option_is_refused_before_any_work(tmp_path) -> None:
-    with pytest.raises(ValueError, match="radial must be one of 'exact', 'spline'"):
+    with pytest.raises(ValueError, match="radial must be one of 'auto', 'exact', 'spline'"):
         MACECalculator(model_paths=str(fixture_model("mp0a_small")), radial="cubic")
     with pytest.raises(ValueError, match="radial must be one of"):  # not FileNotFoundError: checked first
         load_model(tmp_path / "missing.model", radial="Spline")
@@ -165,14 +135,17 @@ def test_bad_radial_option_is_refused_before_any_work(tmp_path) -> None:
 
 
 def test_a_module_passed_in_is_not_switched_in_place() -> None:
-    module = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64")
+    module = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", radial="exact")
     calc = MACECalculator(model_paths=module, device="cpu", default_dtype="float64", radial="spline")
     assert not module.use_radial_spline and calc.models[0].use_radial_spline
-    back = MACECalculator(model_paths=calc.models[0], device="cpu", default_dtype="float64")  # exact wanted
+    back = MACECalculator(model_paths=calc.models[0], device="cpu", default_dtype="float64", radial="exact")
     assert not back.models[0].use_radial_spline and calc.models[0].use_radial_spline
+    auto = MACECalculator(model_paths=calc.models[0], device="cpu", default_dtype="float64")  # the default
+    assert radial_spline.current_radial(auto.models[0]) == "auto" and auto.models[0] is not calc.models[0]
+    assert radial_spline.current_radial(calc.models[0]) == "spline"
     atoms = _rattled_cell()
-    assert back.get_potential_energy(atoms) == MACECalculator(model_paths=module, device="cpu").get_potential_energy(
-        atoms)
+    assert back.get_potential_energy(atoms) == MACECalculator(model_paths=module, device="cpu",
+                                                              radial="exact").get_potential_energy(atoms)
 
 
 def test_pickle_and_deepcopy_keep_the_mode() -> None:
@@ -199,7 +172,7 @@ def test_torchscript_export_of_a_spline_model_is_exact(tmp_path) -> None:
     from mace_ase.model.build import export_torchscript
 
     model = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", radial="spline")
-    exact = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64")
+    exact = load_model(fixture_model("mp0a_medium"), device="cpu", dtype="float64", radial="exact")
     export_torchscript(model, tmp_path / "m.pt")
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
     graph = MACECalculator(model_paths=exact, device="cpu")._graph(_rattled_cell())
@@ -214,3 +187,92 @@ def test_hessian_in_spline_mode_is_close_to_exact() -> None:
     exact = _pair(name="off_like", radial="exact").get_hessian(atoms)
     assert np.allclose(spline, spline.T, atol=1e-8)
     assert np.abs(spline - exact).max() < 5e-4 * (1 + np.abs(exact).max())
+
+
+# -- the default, radial="auto" ----------------------------------------------------------------------------------
+
+
+def test_auto_is_the_default_and_tabulates_only_on_the_cpu_kernel() -> None:
+    calc = MACECalculator(model_paths=str(fixture_model("mpa0_density")), device="cpu", default_dtype="float64")
+    model = calc.models[0]
+    assert calc.parameters["radial"] == "auto" and radial_spline.current_radial(model) == "auto"
+    calc.get_potential_energy(_rattled_cell())
+    assert set(model.radial_spline.slots) == {(29, 29), (8, 29), (8, 8)}
+    # without the compiled kernel the tables would be evaluated per edge by torch ops: "auto" is the MLP there
+    plain = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", fused=False)
+    assert not plain.use_radial_spline and radial_spline.effective_radial(plain, "auto") == "exact"
+
+
+def test_auto_hessian_comes_from_the_exact_mlp() -> None:
+    atoms = molecule("H2O")
+    exact_calc = _pair(name="off_like", radial="exact")
+    exact, exact_energy = exact_calc.get_hessian(atoms), exact_calc.get_potential_energy(atoms)
+    auto = _pair(name="off_like", radial="auto")
+    assert np.abs(auto.get_hessian(atoms) - exact).max() < 1e-10 * (1 + np.abs(exact).max())
+    assert np.abs(_pair(name="off_like").get_hessian(atoms) - exact).max() > 1e-8  # the tables' own Hessian
+    energy = auto.get_potential_energy(atoms)  # and the calculator is back on its tables
+    assert energy != exact_energy and energy == pytest.approx(exact_energy, abs=1e-9)
+
+
+def test_radial_mlp_block_is_per_thread() -> None:
+    atoms = _rattled_cell()
+    exact = _pair(radial="exact").get_potential_energy(atoms)
+    auto = _pair(radial="auto")
+    tabulated = auto.get_potential_energy(atoms)
+    assert tabulated != exact
+    other: list = []
+
+    def elsewhere() -> None:
+        clone = copy.deepcopy(auto)
+        clone.reset()
+        other.append(clone.get_potential_energy(atoms))
+
+    with radial_spline.radial_mlp():
+        auto.reset()
+        inside = auto.get_potential_energy(atoms)
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+    auto.reset()
+    assert inside == pytest.approx(exact, abs=1e-12) and other == [tabulated]
+    assert auto.get_potential_energy(atoms) == tabulated
+
+
+def test_auto_keeps_its_tables_within_the_budget(monkeypatch, caplog) -> None:
+    calc = _pair(radial="auto")
+    spline = calc.models[0].radial_spline
+    calc.get_potential_energy(bulk("Cu", "fcc", a=3.6))  # the first pair is always tabulated
+    assert set(spline.slots) == {(29, 29)}
+    monkeypatch.setattr(radial_spline, "AUTO_TABLE_BYTES", int(spline.table_bytes() * 2.5))  # room for one more
+    atoms = _rattled_cell()  # needs two more: (8, 29) and (8, 8)
+    with caplog.at_level(logging.INFO, logger="mace_ase.model.radial_spline"):
+        energy, forces = calc.get_potential_energy(atoms), calc.get_forces(atoms)
+    assert set(spline.slots) == {(29, 29)} and "would pass" in caplog.text
+    exact = _pair(radial="exact")
+    assert energy == pytest.approx(exact.get_potential_energy(atoms), abs=1e-12)
+    assert np.abs(forces - exact.get_forces(atoms)).max() < 1e-12
+
+
+@pytest.mark.parametrize("envelope_in_features", [True, False])
+@pytest.mark.parametrize("name", ["mpa0_density", "mp0a_medium"])  # with and without the Agnesi transform
+def test_table_knots_hold_the_exact_function_and_its_derivatives(name: str, envelope_in_features: bool) -> None:
+    """The closed-form jets the tables are built from, against autograd of the model's own radial code."""
+    model = load_model(fixture_model(name), device="cpu", dtype="float64", radial="exact")
+    model.radial.apply_cutoff = envelope_in_features
+    for interaction in model.interactions:
+        interaction.apply_cutoff = envelope_in_features
+    spline = radial_spline.RadialSpline(model)
+    z_a, z_b = (int(z) for z in model.atomic_numbers[:2])
+    r = torch.linspace(0.3, 0.97 * model.r_max_value, 9, dtype=torch.float64)
+    jets = spline._jets(r, z_a, z_b, 2)
+    z_s, z_r = torch.full((9,), z_a), torch.full((9,), z_b)
+    for interaction, jet in zip(model.interactions, jets):
+        x = r.clone().requires_grad_(True)
+        feats, envelope = model.radial(x.unsqueeze(-1), z_s, z_r)
+        weights = interaction.radial_mlp(feats)
+        weights = weights if envelope_in_features else weights * envelope
+        for column in (0, weights.shape[1] // 2, weights.shape[1] - 1):
+            (slope,) = torch.autograd.grad(weights[:, column].sum(), x, create_graph=True, retain_graph=True)
+            (curvature,) = torch.autograd.grad(slope.sum(), x, retain_graph=True)
+            for got, want in zip(jet[:, :, column].T, (weights[:, column], slope, curvature)):
+                assert torch.allclose(got, want.detach(), rtol=1e-11, atol=1e-12 * float(want.detach().abs().max()))

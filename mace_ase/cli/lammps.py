@@ -23,8 +23,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float64", help="default float64")
     p.add_argument("--device", default="cpu", help="torch device LAMMPS ranks use (mliap format; default cpu)")
     p.add_argument("--head", default=None, help="head of a multi-head model")
-    p.add_argument("--radial", choices=("exact", "spline"), default="exact",
-                   help="radial weights (mliap format): exact (default) or spline (tabulated, faster, approximate)")
+    p.add_argument("--radial", choices=("auto", "exact", "spline"), default="auto",
+                   help="radial weights (mliap format): auto (default: tabulated on the CPU, within the exact bar; "
+                        "the MLP elsewhere), exact (the MLP for every edge) or spline (always tabulated)")
     p.add_argument("--elements", nargs="+", default=None,
                    help="element of each LAMMPS atom type, in type order (only for the printed pair_coeff line)")
     p.set_defaults(func=_export)
@@ -46,7 +47,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "pair-mace":
         from mace_ase.model.build import export_torchscript, load_model
 
-        if args.radial != "exact":
+        if args.radial == "spline":
             raise SystemExit("--radial spline is for the mliap format; pair_style mace files are TorchScript, "
                              "which always uses the exact radial MLP")
 

@@ -73,12 +73,13 @@ def _add_common(parser: argparse.ArgumentParser, default_dtype: str) -> None:
         "--dtype", choices=DTYPE_NAMES, default=default_dtype, help=f"default {default_dtype}"
     )
     parser.add_argument("--d3", action="store_true", help="add DFT-D3(BJ) dispersion (extra 'd3')")
-    parser.add_argument("--radial", choices=("exact", "spline"), default="exact",
-                        help="radial weights: exact (default) or spline (tabulated, ~2x faster; in float64 within "
-                             "1e-10 eV/atom and 1e-8 eV/Å of exact on the test models)")
+    parser.add_argument("--radial", choices=("auto", "exact", "spline"), default="auto",
+                        help="radial weights: auto (default: tabulated on the CPU, ~2x faster, in float64 within "
+                             "1.1e-11 eV/atom and 1.2e-9 eV/Å of mace-torch on the test models; the MLP on GPUs "
+                             "and for Hessians), exact (the MLP for every edge) or spline (always tabulated)")
 
 
-def load_calculator(model: str | None, device: str | None, dtype: str, d3: bool = False, radial: str = "exact"):
+def load_calculator(model: str | None, device: str | None, dtype: str, d3: bool = False, radial: str = "auto"):
     """The calculator the CLI flags describe.
 
     A catalogue name is loaded by the function of its family (``off23-medium`` by ``mace_off``, ...); anything
@@ -97,7 +98,7 @@ def load_calculator(model: str | None, device: str | None, dtype: str, d3: bool 
     return calc
 
 
-def _load_mace(model: str | None, device: str | None, dtype: str, radial: str = "exact"):
+def _load_mace(model: str | None, device: str | None, dtype: str, radial: str = "auto"):
     from mace_ase import foundations
     from mace_ase.io.registry import DownloadError, OfflineError, UnknownModelError, lookup
 

@@ -30,7 +30,7 @@ __all__ = ["export_lammps", "lammps_input_lines", "load_lammps_model"]
 
 
 def export_lammps(model_path: str | os.PathLike, output: str | os.PathLike, dtype: str = "float64",
-                  device: str = "cpu", head: Optional[str] = None, radial: str = "exact"):
+                  device: str = "cpu", head: Optional[str] = None, radial: str = "auto"):
     """Write the file that ``pair_style mliap unified FILE 1`` loads, and return the object written.
 
     Args:
@@ -41,8 +41,8 @@ def export_lammps(model_path: str | os.PathLike, output: str | os.PathLike, dtyp
         device: torch device every rank uses (``"cpu"``, ``"cuda"``; with several ranks per GPU, ``"cuda"`` is
             shared).
         head: head of a multi-head model (``None``: the only head, or "Default").
-        radial: ``"exact"`` (default) or ``"spline"`` (opt-in tabulated radial weights, see
-            :class:`~mace_ase.calculator.MACECalculator`).
+        radial: ``"auto"`` (default), ``"exact"`` or ``"spline"``: the radial weights, see
+            :class:`~mace_ase.calculator.MACECalculator`.
 
     Returns:
         the :class:`~mace_ase.lammps.unified.MACEUnified` object.

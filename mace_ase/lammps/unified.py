@@ -66,13 +66,13 @@ class MACEUnified(MLIAPUnified):
         element_types: chemical symbols in the model's element order (names for ``pair_coeff * * ...``).
         r_max: cutoff, Å; num_interactions: message-passing layers T (the ghost shell is T * r_max).
         dtype: ``"float64"`` or ``"float32"``; device: torch device string; head: index of the model head.
-        radial: ``"exact"`` or ``"spline"`` (the opt-in tabulated radial weights of
-            :mod:`mace_ase.model.radial_spline`; each rank builds its tables at the first step).
+        radial: ``"auto"``, ``"exact"`` or ``"spline"`` (:mod:`mace_ase.model.radial_spline`; with tables, each
+            rank builds those of the element pairs it meets at its first step).
     """
 
     def __init__(self, model_bytes: bytes, element_types: list[str], r_max: float, num_interactions: int,
                  dtype: str = "float64", device: str = "cpu", head: int = 0, head_name: str = "Default",
-                 radial: str = "exact") -> None:
+                 radial: str = "auto") -> None:
         # ndescriptors/nparams are unused by a unified model but LAMMPS requires them to be set; rcutfac is half
         # the pair cutoff (LAMMPS uses 2 * rcutfac for every element pair)
         super().__init__(None, list(element_types), 1, 1, 0.5 * float(r_max))

@@ -670,7 +670,7 @@ def build_model(model_file: ModelFile) -> MACE:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype = "float64", fused: bool = True, radial: str = "exact") -> MACE:
+               dtype: str | torch.dtype = "float64", fused: bool = True, radial: str = "auto") -> MACE:
     """Read an official MACE ``.model`` file (safely) and return the :class:`MACE` module.
 
     Args:
@@ -680,10 +680,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             mace-torch's ``default_dtype="float32"`` does).
         fused: use the fast, chunked convolution (:mod:`mace_ase.model.fused`; exact, checked against the
             reference at load). ``False`` keeps the plain reference code everywhere.
-        radial: ``"exact"`` (the radial MLP of the file, for every edge) or ``"spline"`` (opt-in: the radial
-            weights tabulated as piecewise quintic polynomials, :mod:`mace_ase.model.radial_spline`; 2-2.5x
-            faster calls, interpolated: in float64 at most 1.1e-11 eV/atom and 1.2e-9 eV/Å from mace-torch on the
-            test fixtures; forces remain the exact gradients of the splined energy). Implies ``fused``.
+        radial: ``"auto"`` (default: on the CPU kernel the radial weights tabulated as piecewise quintic
+            polynomials, :mod:`mace_ase.model.radial_spline`, 2-2.5x faster calls, in float64 at most
+            1.1e-11 eV/atom and 1.2e-9 eV/Å from mace-torch on the test fixtures; elsewhere ``"exact"``),
+            ``"exact"`` (the radial MLP of the file, for every edge) or ``"spline"`` (always tabulated).
+            Tables are built at first use, per element pair met. ``"spline"`` implies ``fused``.
 
     Raises:
         ModelFileError: the file cannot be read safely; UnsupportedModelError: unsupported architecture.
@@ -715,6 +716,7 @@ def export_torchscript(model: MACE, path: str | os.PathLike, lammps: bool = Fals
     The scripted module has the same ``forward`` as :class:`MACE` and keeps ``atomic_numbers``, ``r_max`` and
     ``heads`` as attributes. With ``lammps=True`` it is instead the interface of mace-torch's LAMMPS
     ``pair_style mace`` for head index ``head`` (see :mod:`mace_ase.model.lammps_wrapper`), in the model's dtype.
+    Scripted code evaluates the radial MLP for every edge (``radial="exact"``), whatever ``model``'s radial mode.
     """
     from mace_ase.model.export import save_torchscript  # torch 2.13's TorchScript deprecation silenced there only
 

@@ -111,6 +111,9 @@ def export_program(model: MACE, path: str | os.PathLike, head: int | str = 0,
                    elements: Sequence[int] | None = None) -> None:
     """Write a ``torch.export`` program (``.pt2``) of ``model``'s node energies for one head (see module docstring).
 
+    The program evaluates the radial MLP for every edge (``radial="exact"``), whatever ``model``'s radial mode:
+    the tables of :mod:`mace_ase.model.radial_spline` are eager-only.
+
     Args:
         model: a :class:`MACE` (from :func:`mace_ase.load_model`), in the dtype and on the device to export for.
         path: the ``.pt2`` file to write (written to a temporary name, then renamed).

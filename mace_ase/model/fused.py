@@ -14,9 +14,9 @@ and their products, and autograd keeps them all for the backward pass: about 45 
   dL/dW, dL/dY and per-edge dL/dx (index-added onto the senders), and autograd goes back through the chunk's MLP
   only. Nothing of size ``[E, paths, C]`` outlives a chunk.
 
-In the opt-in spline mode (:mod:`mace_ase.model.radial_spline`) the radial inputs are each edge's (u, interval)
-instead of (Bessel features, envelope): the kernel evaluates the interval's polynomial on the fly (one call for the
-whole forward pass, no weights stored) and its backward pass returns dL/du.
+With tabulated radial weights (:mod:`mace_ase.model.radial_spline`: the default on the CPU kernel) the radial
+inputs are each edge's (u, interval) instead of (Bessel features, envelope): the kernel evaluates the interval's
+polynomial on the fly (one call for the whole forward pass, no weights stored) and its backward pass returns dL/du.
 
 The exact mode uses the same kernel path when the graph is small enough (:func:`distinct_radial_rows`,
 :data:`PAIRED_TABLE_BYTES`): the radial MLP is a function of (r, element pair) only, and an edge and its reverse
@@ -219,10 +219,10 @@ def _chunks(n_receivers: int, neighbours: int, device: torch.device, budget: Opt
     return [(bounds[k], bounds[k + 1]) for k in range(n_chunks) if bounds[k + 1] > bounds[k]]
 
 
-def _torch_spline_budget(interaction: Any, device: torch.device) -> Optional[int]:
+def _torch_spline_budget(spline: Any, device: torch.device) -> Optional[int]:
     """Edge rows per chunk when torch ops evaluate the spline (CUDA, no compiler): the gathered coefficient rows
     ``[rows, degree + 1, P*C]`` are the largest work array, so GPU chunks are 16x smaller than for the MLP."""
-    if getattr(interaction, "spline", None) is None or device.type == "cpu":
+    if spline is None or device.type == "cpu":
         return None
     return CHUNK_EDGES_GPU // 16
 
@@ -320,15 +320,15 @@ class _DistinctEdgeTable:
 def _distinct_rows_apply(model: Any) -> bool:
     interactions = list(model.interactions)
     return (bool(interactions) and not torch.compiler.is_compiling() and load_kernel()[0] is not None
-            and all(getattr(i, "fused", False) and getattr(i, "fused_kernel", False)
-                    and getattr(i, "spline", None) is None for i in interactions))
+            and all(getattr(i, "fused", False) and getattr(i, "fused_kernel", False) for i in interactions))
 
 
 def distinct_table_edges(model: Any) -> Optional[int]:
     """How many edges a CPU call can have for the exact mode's distinct-edge tables to fit
     :data:`PAIRED_TABLE_BYTES` when every edge has its reverse and no other edge of the same length (batched
-    evaluation keeps its batches below it); None where that path does not apply (spline mode, no kernel)."""
-    if not _distinct_rows_apply(model):
+    evaluation keeps its batches below it); None where that path does not apply (tables of
+    :mod:`~mace_ase.model.radial_spline`, no kernel)."""
+    if model.use_radial_spline or not _distinct_rows_apply(model):
         return None
     return PAIRED_TABLE_BYTES // (_table_width(model) * model.r_max.element_size())
 
@@ -383,10 +383,11 @@ def distinct_radial_rows(model: Any, lengths: Tensor, z_sender: Tensor, z_receiv
     return [u, rows, feats, dfeats, env, denv]
 
 
-def _radial_weights(interaction: Any, radial_x: Tensor, radial_y: Tensor, active: Tensor, channels: int) -> Tensor:
-    """``[E, paths, C]`` radial weights from the radial inputs: (edge features, envelope) of the exact MLP, or
-    (u, interval) of the spline mode (its inactive rows masked: the table is not zero there)."""
-    spline = getattr(interaction, "spline", None)
+def _radial_weights(interaction: Any, spline: Any, radial_x: Tensor, radial_y: Tensor, active: Tensor,
+                    channels: int) -> Tensor:
+    """``[E, paths, C]`` radial weights from the radial inputs: (edge features, envelope) of the exact MLP, or,
+    with ``spline`` (``interaction.spline``), (u, interval) of the tables (inactive rows masked: the table is not
+    zero there)."""
     if spline is not None:
         weights = spline[0].weights(spline[1], radial_x, radial_y)
         return (weights * active.unsqueeze(-1).to(weights.dtype)).view(weights.shape[0], -1, channels)
@@ -420,13 +421,15 @@ class _FusedConvolution(torch.autograd.Function):
         ctx.use_kernel = use_kernel
         ctx.kept = {}
         ctx.distinct = distinct  # the exact mode's distinct-edge table (its storage is reused between calls)
+        # radial_x, radial_y are (u, interval) in spline tables, else the MLP's inputs
+        ctx.spline = spline = getattr(interaction, "spline", None) if table is not None and distinct is None else None
         ctx.save_for_backward(h_up, sh, radial_x, radial_y, sender, active, None if distinct else table, interval, u)
         if use_kernel and table is not None:  # one call: nothing per edge is stored
             return load_kernel()[0].spline_convolution_forward(
                 table, interval, u.view(-1), sh, h_up, sender, active, n_receivers, tables[4],
                 table.shape[2] // channels, *tables[:4])
         out = h_up.new_empty(n_receivers, tables[4], channels)
-        chunks = _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(interaction, h_up.device))
+        chunks = _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(spline, h_up.device))
         # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights) are kept for the backward pass,
         # which starts there; the other chunks are recomputed.
         row_bytes = interaction.radial_mlp.weights[-1].shape[1] * h_up.element_size() * 2  # weights + hidden
@@ -439,14 +442,14 @@ class _FusedConvolution(torch.autograd.Function):
                 with torch.set_grad_enabled(keep):
                     feats = radial_x[rows].detach().requires_grad_(keep and ctx.needs_input_grad[3])
                     env = radial_y[rows].detach().requires_grad_(keep and ctx.needs_input_grad[4])
-                    weights = _radial_weights(interaction, feats, env, active[rows], channels)
+                    weights = _radial_weights(interaction, spline, feats, env, active[rows], channels)
                 if keep:
                     ctx.kept[index] = (feats, env, weights)
                 out[start:stop] = load_kernel()[0].convolution_forward(
                     weights.detach(), sh[rows], h_up, sender[rows], active[rows], stop - start, tables[4],
                     *tables[:4])
             else:
-                weights = _radial_weights(interaction, radial_x[rows], radial_y[rows], active[rows], channels)
+                weights = _radial_weights(interaction, spline, radial_x[rows], radial_y[rows], active[rows], channels)
                 out[start:stop] = interaction.convolve(h_up.index_select(0, sender[rows]), sh[rows], weights,
                                                        stop - start)
         return out
@@ -525,7 +528,7 @@ def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active
             with torch.enable_grad():
                 feats = radial_x[rows].detach().requires_grad_(need_feats)
                 env = radial_y[rows].detach().requires_grad_(need_env)
-                weights = _radial_weights(interaction, feats, env, active[rows], channels)
+                weights = _radial_weights(interaction, None, feats, env, active[rows], channels)
         grad_w, grad_y, grad_x = kernel.convolution_backward(
             grad_out[start:stop].contiguous(), weights.detach(), sh[rows], h_up, sender[rows], active[rows],
             *interaction.fused_tables[:4], buffer_w, buffer_y, buffer_x)
@@ -552,13 +555,13 @@ def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_
     need = ctx.needs_input_grad[1:5]
     grad_h = torch.zeros_like(h_up) if need[0] else None
     pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dradial_x, d/dradial_y
-    for start, stop in _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(interaction, h_up.device)):
+    for start, stop in _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(ctx.spline, h_up.device)):
         rows = slice(start * neighbours, stop * neighbours)
         with torch.enable_grad():
             inputs = [h_up.index_select(0, sender[rows]), sh[rows], radial_x[rows], radial_y[rows]]
             if not create_graph:
                 inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
-            weights = _radial_weights(interaction, inputs[2], inputs[3], active[rows], channels)
+            weights = _radial_weights(interaction, ctx.spline, inputs[2], inputs[3], active[rows], channels)
             out = interaction.convolve(inputs[0], inputs[1], weights, stop - start)
             wanted = [t for t, n in zip(inputs, need) if n]
             result = list(torch.autograd.grad(out, wanted, grad_out[start:stop], create_graph=create_graph,
@@ -584,7 +587,7 @@ def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Te
     """
     active = envelope.view(-1) != 0  # padding and r >= r_max: exactly zero weights, values and gradients
     spline = getattr(interaction, "spline", None)
-    if radial_rows is not None and spline is not None:
+    if radial_rows is not None and len(radial_rows) == 2 and spline is not None:
         u, interval = radial_rows[0], radial_rows[1]
         return _FusedConvolution.apply(interaction, h_up, sh, u, interval, sender, active,
                                        spline[0].tables[spline[1]], interval, u)

@@ -592,7 +592,7 @@ class MACE(nn.Module):
         self.readouts = nn.ModuleList(readouts)
         self.readout_layers = readout_layers  # which layer's features each readout reads
         self.use_zbl = zbl is not None
-        # opt-in tabulated radial weights (mace_ase.model.radial_spline.enable_spline); eager runs only
+        # tabulated radial weights (mace_ase.model.radial_spline: radial="auto" or "spline"); eager runs only
         self.use_radial_spline = False
         self.radial_spline = None  # the RadialSpline object when on
         self.zbl = zbl if zbl is not None else nn.Identity()
@@ -630,8 +630,9 @@ class MACE(nn.Module):
         tables (:mod:`mace_ase.model.radial_spline`), or, in the exact mode, among the distinct edges whose
         radial MLP is evaluated once (:func:`mace_ase.model.fused.distinct_radial_rows`); None: per edge."""
         if self.use_radial_spline:
-            u, interval = self.radial_spline.coordinates(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
-            return [u, interval]
+            rows = self.radial_spline.rows(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
+            if rows is not None:  # None: this call evaluates the MLP (radial="auto", Hessians or table budget)
+                return rows
         from mace_ase.model.fused import distinct_radial_rows
 
         return distinct_radial_rows(self, lengths, z_sender, z_receiver, envelope)
