@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 import torch
 from ase.build import bulk
 from conftest import fixture_model, threaded_matches_sequential
@@ -37,11 +40,13 @@ def test_a_module_in_training_mode_is_not_switched_to_eval():
     assert module.training and not calculator.models[0].training
 
 
-def test_one_module_in_two_threads_matches_sequential_runs():
+@pytest.mark.parametrize("radial", ["exact", "auto"])
+def test_one_module_in_two_threads_matches_sequential_runs(radial: str):
     """Calculators in two threads sharing one module: each call's exact-mode tables (whose storage the module keeps
-    between calls) are its own thread's, so the results are those of sequential runs."""
+    between calls) are its own thread's, so the results are those of sequential runs; likewise with the default
+    radial tables, which both threads read."""
 
-    module = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64")
+    module = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", radial=radial)
     structures = []
     for seed in range(2):
         atoms = bulk("NaCl", "rocksalt", a=5.6) * (2, 2, 1)
@@ -49,7 +54,7 @@ def test_one_module_in_two_threads_matches_sequential_runs():
         structures.append(atoms)
 
     def run(atoms, out: list) -> None:
-        calc = MACECalculator(module, device="cpu", default_dtype="float64")
+        calc = MACECalculator(module, device="cpu", default_dtype="float64", radial=radial)
         for step in range(4):
             moved = atoms.copy()
             moved.positions += 0.01 * step
@@ -57,3 +62,33 @@ def test_one_module_in_two_threads_matches_sequential_runs():
             out.append((moved.get_potential_energy(), moved.get_forces().copy()))
 
     threaded_matches_sequential(run, [(atoms,) for atoms in structures], tolerance=1e-10)
+
+
+def test_radial_tables_built_by_two_threads_at_once_are_built_once():
+    """Two threads meeting the same new element pairs at the same moment: each pair gets one table (a lock), and
+    the answers are those of a module that built them alone."""
+    structures = []
+    for seed in range(2):
+        atoms = bulk("NaCl", "rocksalt", a=5.6) * (2, 2, 1)
+        atoms.rattle(0.1, seed=seed)
+        structures.append(atoms)
+    alone = MACECalculator(load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64"), device="cpu")
+    expected = [alone.get_potential_energy(atoms.copy()) for atoms in structures]
+    module = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64")
+    start = threading.Barrier(2)
+    energies: dict = {}
+
+    def run(index: int) -> None:
+        calc = MACECalculator(module, device="cpu", default_dtype="float64")
+        start.wait()
+        energies[index] = calc.get_potential_energy(structures[index].copy())
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    spline = module.radial_spline
+    assert set(spline.slots) == {(11, 11), (11, 17), (17, 17)} and len(spline.intervals) == 3
+    assert spline.tables[0].shape[0] == sum(spline.intervals)
+    assert [energies[0], energies[1]] == pytest.approx(expected, abs=1e-12)

@@ -388,7 +388,8 @@ def polynomial_slope(c: Tensor, u: Tensor | float) -> Tensor:
 
 
 def enable_spline(model: Any, tolerance: float | None = None) -> RadialSpline:
-    """Switch ``model`` (a :class:`~mace_ase.model.mace.MACE`) to splined radial weights (approximate, opt-in).
+    """Switch ``model`` (a :class:`~mace_ase.model.mace.MACE`) to tabulated radial weights (``radial="spline"``;
+    :func:`set_radial` also makes ``"auto"``).
 
     Needs the fused convolution (:mod:`mace_ase.model.fused`), which this switches on. Returns the spline object
     (also ``model.radial_spline``); ``disable_spline(model)`` goes back to the exact MLP.
