@@ -26,3 +26,17 @@ def test_cuda_matches_cpu(model: str, dtype: str, atol: float, radial: str) -> N
     assert atoms.get_potential_energy() == pytest.approx(e_cpu, abs=atol * len(atoms))
     assert np.abs(atoms.get_forces() - f_cpu).max() < atol * (1 + np.abs(f_cpu).max())
     assert np.abs(atoms.get_stress() - s_cpu).max() < atol
+
+
+def test_the_default_radial_mode_is_the_mlp_on_cuda_and_agrees_with_the_cpu_default() -> None:
+    """radial="auto": tables on the CPU kernel, the MLP on the GPU; both inside the float64 parity bar."""
+    path = str(fixture_model("mpa0_density"))
+    cpu = MACECalculator(model_paths=path, device="cpu")
+    cuda = MACECalculator(model_paths=path, device="cuda")
+    assert cpu.models[0].use_radial_spline and not cuda.models[0].use_radial_spline
+    atoms = random_triclinic([int(z) for z in cpu.atomic_numbers], seed=12).repeat((2, 2, 2))
+    atoms.calc = cpu
+    e_cpu, f_cpu = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = cuda
+    assert atoms.get_potential_energy() == pytest.approx(e_cpu, abs=1e-9 * len(atoms))
+    assert np.abs(atoms.get_forces() - f_cpu).max() < 1e-8

@@ -134,6 +134,48 @@ def test_chunked_torch_path_without_kernel(monkeypatch) -> None:
     assert torch.allclose(fast[1], reference[1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("max_ell", [1, 2, 3])
+def test_spherical_harmonics_kernel_matches_the_reference(max_ell: int, dtype: torch.dtype) -> None:
+    """Values and both gradients (through the direction and through the length), a zero vector included."""
+    from mace_ase.model.mace import spherical_harmonics
+
+    generator = torch.Generator().manual_seed(max_ell)
+    vectors = torch.randn(3000, 3, generator=generator, dtype=dtype) * 2.0
+    vectors[7] = 0.0  # clamped length: zero gradient through it, as clamp_min gives
+    weights = torch.randn(3000, (max_ell + 1) ** 2, generator=generator, dtype=dtype)
+    results = []
+    for kernel in (True, False):
+        x = vectors.clone().requires_grad_(True)
+        lengths = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        sh = (fused.fused_spherical_harmonics(x, lengths, max_ell) if kernel
+              else spherical_harmonics(x / lengths.clamp_min(1e-12), max_ell))
+        (grad,) = torch.autograd.grad((sh * weights).sum() + (lengths * lengths.detach()).sum(), x)
+        results.append((sh.detach(), grad))
+    (sh, grad), (sh_ref, grad_ref) = results
+    tolerance = 1e-14 if dtype == torch.float64 else 2e-6
+    assert torch.allclose(sh, sh_ref, rtol=0, atol=tolerance * 10)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=tolerance * float(grad_ref.abs().max()))
+    assert grad_ref.abs().max() > 1.0
+
+
+def test_parallel_index_add_rows_is_torchs_index_add() -> None:
+    """Same additions in the same order per row: the same bits; a bad index is an error, not a write."""
+    kernel = fused.load_kernel()[0]
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        out = torch.randn(300, 4, 16, generator=generator, dtype=dtype)
+        index = torch.randint(0, 300, (20000,), generator=generator)
+        src = torch.randn(20000, 4, 16, generator=generator, dtype=dtype)
+        expected = out.clone().index_add_(0, index, src)
+        kernel.index_add_rows(out, index, src)
+        assert torch.equal(out, expected)
+    before = out.clone()
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.index_add_rows(out, torch.tensor([300]), src[:1])
+    assert torch.equal(out, before)
+
+
 @pytest.mark.parametrize("path", ["distinct", "chunks-64"])
 def test_second_derivatives_through_fused_path(path: str, monkeypatch) -> None:
     """Hessian-vector products (create_graph=True) go through the differentiable recomputation: from the MLP inputs,

@@ -71,7 +71,8 @@ KEEP_BYTES = 128 * 2**20  # radial-MLP graphs kept from the forward pass (last c
 # Si fit, float64 ~500)
 PAIRED_TABLE_BYTES = 384 * 2**20
 _KERNELS = Path(__file__).with_name("kernels")
-_SOURCES = [_KERNELS / "convolution.cpp", _KERNELS / "symmetric_contraction.cpp", _KERNELS / "module.cpp"]
+_SOURCES = [_KERNELS / name for name in ("convolution.cpp", "symmetric_contraction.cpp", "spherical_harmonics.cpp",
+                                         "module.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: the sums must stay IEEE
 _warned = False
 
@@ -493,7 +494,7 @@ def _table_backward(ctx, grad_out, h_up, sh, sender, active, table, interval, u)
             sender[rows], active[rows], table.shape[2] // channels, *ctx.interaction.fused_tables[:4], buffer_y,
             buffer_x)
         if need_h:
-            grad_h.index_add_(0, sender[rows], grad_x)
+            kernel.index_add_rows(grad_h, sender[rows], grad_x)  # grad_h.index_add_(0, ...), in parallel
         if need_sh:
             grad_sh[rows] = grad_y
         if need_u:
@@ -533,7 +534,7 @@ def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active
             grad_out[start:stop].contiguous(), weights.detach(), sh[rows], h_up, sender[rows], active[rows],
             *interaction.fused_tables[:4], buffer_w, buffer_y, buffer_x)
         if need_h:
-            grad_h.index_add_(0, sender[rows], grad_x)
+            kernel.index_add_rows(grad_h, sender[rows], grad_x)  # grad_h.index_add_(0, ...), in parallel
         if need_sh:
             grad_sh[rows] = grad_y
         inputs = [t for t, need in ((feats, need_feats), (env, need_env)) if need]
@@ -597,6 +598,44 @@ def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Te
         return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active, distinct.table,
                                        interval, u, distinct)
     return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spherical harmonics of the edge directions (compiled CPU kernel, explicit backward)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _SphericalHarmonics(torch.autograd.Function):
+    """``spherical_harmonics(vectors / lengths.clamp_min(1e-12), max_ell)`` in one kernel call each way; a double
+    backward (Hessians) recomputes the reference code, differentiably."""
+
+    @staticmethod
+    def forward(ctx, vectors, lengths, max_ell):  # noqa: D102
+        ctx.save_for_backward(vectors, lengths)
+        ctx.max_ell = max_ell
+        return load_kernel()[0].spherical_harmonics_forward(vectors, lengths, max_ell)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        vectors, lengths = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the reference code, connected to the saved inputs' history
+            from mace_ase.model.mace import spherical_harmonics
+
+            # new nodes for v and r: the lengths depend on the vectors upstream, and the partial derivatives
+            # (r held fixed, v held fixed) are what this function returns
+            v, r = vectors.view_as(vectors), lengths.view_as(lengths)
+            sh = spherical_harmonics(v / r.clamp_min(1e-12), ctx.max_ell)
+            grad_vectors, grad_lengths = torch.autograd.grad(sh, (v, r), grad, create_graph=True)
+            return grad_vectors, grad_lengths, None
+        grad_vectors, grad_lengths = load_kernel()[0].spherical_harmonics_backward(
+            grad.contiguous(), vectors, lengths, ctx.max_ell)
+        return grad_vectors, grad_lengths, None
+
+
+def fused_spherical_harmonics(vectors: Tensor, lengths: Tensor, max_ell: int) -> Tensor:
+    """Y_lm ``[E, (max_ell+1)^2]`` of the edge vectors ``[E, 3]`` (Å) with lengths ``[E, 1]``, as
+    :func:`mace_ase.model.mace.spherical_harmonics` of their directions, by the CPU kernel."""
+    return _SphericalHarmonics.apply(vectors.contiguous(), lengths.contiguous(), max_ell)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -671,6 +710,7 @@ def _set(model: torch.nn.Module, fused: bool, kernel: bool) -> None:
         interaction.fused_kernel = kernel
     for product in model.products:
         product.fused = fused and kernel  # the contraction kernel is CPU-only; elsewhere the reference runs
+    model.fused_geometry = fused and kernel and model.max_ell <= 3  # the spherical-harmonics kernel, likewise
 
 
 def _test_graph(model: torch.nn.Module) -> Tuple[Tensor, Tensor, Tensor]:

@@ -595,6 +595,7 @@ class MACE(nn.Module):
         # tabulated radial weights (mace_ase.model.radial_spline: radial="auto" or "spline"); eager runs only
         self.use_radial_spline = False
         self.radial_spline = None  # the RadialSpline object when on
+        self.fused_geometry = False  # spherical harmonics by the CPU kernel (mace_ase.model.fused._set); eager only
         self.zbl = zbl if zbl is not None else nn.Identity()
 
     def edge_geometry(self, vectors: Tensor, species: Tensor, sender: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -610,7 +611,10 @@ class MACE(nn.Module):
 
         The one message-passing loop, shared by :meth:`node_energies` and :meth:`node_features`.
         """
-        sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
+        if self.fused_geometry and not torch.jit.is_scripting():
+            sh = self.fused_spherical_harmonics(vectors, lengths)  # the same, by the CPU kernel (eager runs)
+        else:
+            sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
         edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
         radial_rows: Optional[List[Tensor]] = None
         if not torch.jit.is_scripting():
@@ -622,6 +626,16 @@ class MACE(nn.Module):
             h = product(message, sc, species_counts)
             features.append(h)
         return features
+
+    @torch.jit.unused
+    def fused_spherical_harmonics(self, vectors: Tensor, lengths: Tensor) -> Tensor:
+        """:func:`spherical_harmonics` of the edge directions by the compiled CPU kernel (see
+        :mod:`mace_ase.model.fused`); the reference code under ``torch.compile``/``torch.export``."""
+        if torch.compiler.is_compiling():
+            return spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)
+        from mace_ase.model.fused import fused_spherical_harmonics
+
+        return fused_spherical_harmonics(vectors, lengths, self.max_ell)
 
     @torch.jit.unused
     def tabulated_radial_rows(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor

@@ -28,6 +28,10 @@ torch::Tensor symmetric_contraction_forward(torch::Tensor A, torch::Tensor V, to
 torch::Tensor symmetric_contraction_backward(torch::Tensor grad_B, torch::Tensor A, torch::Tensor V,
                                              torch::Tensor group, torch::Tensor singles, torch::Tensor pairs,
                                              torch::Tensor triple_pair, torch::Tensor triple_single);
+torch::Tensor spherical_harmonics_forward(torch::Tensor v, torch::Tensor r, int64_t max_ell);
+std::vector<torch::Tensor> spherical_harmonics_backward(torch::Tensor grad, torch::Tensor v, torch::Tensor r,
+                                                        int64_t max_ell);
+void index_add_rows(torch::Tensor out, torch::Tensor index, torch::Tensor src);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convolution_forward", &convolution_forward, "fused MACE convolution, forward (CPU)");
@@ -36,4 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spline_convolution_backward", &spline_convolution_backward, "its backward pass: dL/du, dL/dY, dL/dx");
   m.def("symmetric_contraction_forward", &symmetric_contraction_forward, "symmetric contraction, forward (CPU)");
   m.def("symmetric_contraction_backward", &symmetric_contraction_backward, "symmetric contraction, backward (CPU)");
+  m.def("spherical_harmonics_forward", &spherical_harmonics_forward, "Y_lm of edge directions, l <= 3 (CPU)");
+  m.def("spherical_harmonics_backward", &spherical_harmonics_backward, "their backward pass: dL/dv, dL/dr");
+  m.def("index_add_rows", &index_add_rows, "out[index[i]] += src[i], in place, parallel over output rows");
 }
