@@ -40,3 +40,19 @@ def test_the_default_radial_mode_is_the_mlp_on_cuda_and_agrees_with_the_cpu_defa
     atoms.calc = cuda
     assert atoms.get_potential_energy() == pytest.approx(e_cpu, abs=1e-9 * len(atoms))
     assert np.abs(atoms.get_forces() - f_cpu).max() < 1e-8
+
+
+def test_a_cpu_loaded_module_given_to_a_cuda_calculator() -> None:
+    """The copy moved to the GPU keeps the CPU kernels' switches; each kernel checks the device at run time."""
+    from mace_ase.model.build import load_model
+
+    path = fixture_model("mp0a_l2")
+    module = load_model(path, device="cpu", dtype="float64")
+    cuda = MACECalculator(model_paths=module, device="cuda")
+    cpu = MACECalculator(model_paths=str(path), device="cpu", radial="exact")
+    atoms = random_triclinic([int(z) for z in cpu.atomic_numbers], seed=13).repeat((2, 2, 2))
+    atoms.calc = cpu
+    e_cpu, f_cpu = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = cuda
+    assert atoms.get_potential_energy() == pytest.approx(e_cpu, abs=1e-10 * len(atoms))
+    assert np.abs(atoms.get_forces() - f_cpu).max() < 1e-10 * (1 + np.abs(f_cpu).max())

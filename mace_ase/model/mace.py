@@ -630,8 +630,8 @@ class MACE(nn.Module):
     @torch.jit.unused
     def fused_spherical_harmonics(self, vectors: Tensor, lengths: Tensor) -> Tensor:
         """:func:`spherical_harmonics` of the edge directions by the compiled CPU kernel (see
-        :mod:`mace_ase.model.fused`); the reference code under ``torch.compile``/``torch.export``."""
-        if torch.compiler.is_compiling():
+        :mod:`mace_ase.model.fused`); the reference code under ``torch.compile``/``torch.export`` and off the CPU."""
+        if torch.compiler.is_compiling() or vectors.device.type != "cpu":  # e.g. moved to a GPU after loading
             return spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)
         from mace_ase.model.fused import fused_spherical_harmonics
 
