@@ -26,9 +26,11 @@ from ase.build import bulk
 
 
 def make_silicon(n_atoms: int) -> Atoms:
-    cells = {8: (1, 1, 1), 64: (2, 2, 2), 216: (3, 3, 3), 512: (4, 4, 4), 1000: (5, 5, 5), 1728: (6, 6, 6),
-             4096: (8, 8, 8), 8000: (10, 10, 10)}
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(cells[n_atoms])
+    """Rattled diamond Si of k x k x k cubic cells: n_atoms = 8 k^3 (8, 64, 216, ..., 32768, 97336)."""
+    k = round((n_atoms / 8) ** (1 / 3))
+    if 8 * k**3 != n_atoms:
+        raise SystemExit(f"--atoms {n_atoms}: give 8 k^3 atoms (k x k x k cubic diamond cells), e.g. {8 * k**3}")
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((k, k, k))
     atoms.rattle(0.05, seed=0)
     return atoms
 
