@@ -261,20 +261,27 @@ class RadialSpline:
         """``[u, interval]`` of :meth:`coordinates` for the fused kernel, or None where this call evaluates the
         exact MLP instead (``"auto"`` mode only: inside :func:`radial_mlp`, or when the tables of the element
         pairs met would pass :data:`AUTO_TABLE_BYTES`)."""
-        if self.auto and (getattr(_THREAD, "mlp", False) or not self._within_budget(z_sender, z_receiver)):
+        if self.auto and getattr(_THREAD, "mlp", False):
             return None
-        return list(self.coordinates(lengths, z_sender, z_receiver))
+        slot = self._slots(z_sender, z_receiver)
+        if self.auto and not self._within_budget(z_sender, z_receiver, slot):
+            return None
+        return list(self.coordinates(lengths, z_sender, z_receiver, slot))
 
     def table_bytes(self) -> int:
         """Bytes held by the tables of all interactions."""
         return sum(t.numel() * t.element_size() for t in self.tables)
 
-    def _within_budget(self, z_sender: Tensor, z_receiver: Tensor) -> bool:
-        if not self.per_pair or not self.slots:  # one table set, or the first pair: always built
+    def _slots(self, z_sender: Tensor, z_receiver: Tensor) -> Tensor:
+        """Each edge's slot (table set), -1 where its element pair has none yet."""
+        if not self.per_pair:
+            return torch.full_like(z_sender, 0 if self.slots else -1)
+        return self._slot_of_pair[torch.minimum(z_sender, z_receiver), torch.maximum(z_sender, z_receiver)]
+
+    def _within_budget(self, z_sender: Tensor, z_receiver: Tensor, slot: Tensor) -> bool:
+        if not self.per_pair or not self.slots or not bool((slot < 0).any()):  # nothing to build, or the first
             return True
-        missing = self._missing_pairs(z_sender, z_receiver).shape[0]
-        if missing == 0:
-            return True
+        missing = self._missing_pairs(z_sender, z_receiver, slot).shape[0]
         per_slot = self.table_bytes() / len(self.slots)
         if self.table_bytes() + missing * per_slot <= AUTO_TABLE_BYTES:
             return True
@@ -284,30 +291,30 @@ class RadialSpline:
                         "calls with them use the exact radial MLP", missing, AUTO_TABLE_BYTES / 1e9)
         return False
 
-    def _missing_pairs(self, z_sender: Tensor, z_receiver: Tensor) -> Tensor:
-        """Unordered element pairs ``[m, 2]`` (Z_low, Z_high) of these edges that have no table yet."""
-        low, high = torch.minimum(z_sender, z_receiver), torch.maximum(z_sender, z_receiver)
-        missing = self._slot_of_pair[low, high] < 0
-        return torch.stack([low, high], 1)[missing].unique(dim=0)
+    def _missing_pairs(self, z_sender: Tensor, z_receiver: Tensor, slot: Tensor) -> Tensor:
+        """Unordered element pairs ``[m, 2]`` (Z_low, Z_high; (0, 0) when W does not depend on elements) of the
+        edges whose ``slot`` is -1."""
+        if not self.per_pair:
+            return torch.zeros(1 if bool((slot < 0).any()) else 0, 2, dtype=torch.int64)
+        missing = slot < 0
+        low, high = torch.minimum(z_sender, z_receiver)[missing], torch.maximum(z_sender, z_receiver)[missing]
+        return torch.stack([low, high], 1).unique(dim=0)
 
-    def coordinates(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Tuple[Tensor, Tensor]:
+    def coordinates(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, slot: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
         """``(u [E, 1], interval [E])`` of every edge: position inside its interval (differentiable in ``lengths``)
-        and the interval's row in :attr:`tables`. Builds the tables of element pairs not seen before."""
-        # Slots are only ever appended (rows keep their numbers), so a call in another thread may read the
-        # arrays while one is added; the lock keeps two threads from adding the same one.
-        if self.per_pair:
-            if self._missing_pairs(z_sender, z_receiver).shape[0]:
-                with self._lock:
-                    for a, b in self._missing_pairs(z_sender, z_receiver).tolist():
-                        self._add_slot(int(a), int(b))
+        and the interval's row in :attr:`tables`. Builds the tables of element pairs not seen before. ``slot``:
+        :meth:`_slots` of these edges, if the caller has it."""
+        slot = self._slots(z_sender, z_receiver) if slot is None else slot
+        if bool((slot < 0).any()):
+            # Slots are only ever appended (rows keep their numbers), so a call in another thread may read the
+            # arrays while one is added; the lock keeps two threads from adding the same one.
+            with self._lock:
+                for a, b in self._missing_pairs(z_sender, z_receiver, self._slots(z_sender, z_receiver)).tolist():
+                    self._add_slot(int(a), int(b))
+                    if self.per_pair:
                         self._slot_of_pair[a, b] = self.slots[(int(a), int(b))]
-            slot = self._slot_of_pair[torch.minimum(z_sender, z_receiver), torch.maximum(z_sender, z_receiver)]
-        else:
-            if not self.slots:
-                with self._lock:
-                    if not self.slots:
-                        self._add_slot(0, 0)
-            slot = torch.zeros_like(z_sender)
+            slot = self._slots(z_sender, z_receiver)
         r = lengths.view(-1)
         key = r.detach().to(torch.float64) + slot.to(torch.float64) * (self.r_max + 1.0)
         # knot index -> interval row: slot s has one knot more than intervals, so subtract s; padding and
