@@ -19,15 +19,15 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
     import torch
 
 # Peak memory of one energy-and-forces call per edge (forward and backward), per feature channel and byte of the
-# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout). Measured by peak RSS growth of
-# one call (benchmarks/time_calculator.py) and rounded up: the chunked convolution (mace_ase.model.fused, the
-# default, 512-row CPU chunks) on 182,560-edge Si with MP-0 medium (128 channels): 2.0 / 2.3 kB per edge (exact /
-# spline) in float32, 5.2 / 5.0 kB in float64 (benchmarks/RESULTS.md), i.e. below 6 B per edge, channel and byte
-# plus 1 kB; the reference convolution ~75 B (MP-0 medium float64: 75-85 kB/edge). The exact mode's distinct-edge
-# tables (mace_ase.model.fused.PAIRED_TABLE_BYTES) add at most 384 MB, and only to graphs small enough for them
-# (~1,000 Si atoms): more per edge than this estimate there (7 kB/edge at 512 atoms), far below any budget.
-_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 6, False: 80}
-_BYTES_PER_EDGE_FIXED = 1000
+# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout, tables). Measured by peak RSS
+# growth of one call (benchmarks/time_calculator.py, MP-0 medium, 128 channels, default mode, node-blocked per-node
+# steps, 2026-12-04) and rounded up: float32 2.7 kB per edge at 1,000 Si atoms, 1.6 kB from 8,000 to 97,336 atoms;
+# float64 5.2 kB at 1,000, 3.6 kB at 8,000, 3.2 kB at 32,768 (benchmarks/RESULTS.md): below 4 B per edge, channel
+# and byte plus 1.2 kB. The reference convolution needs ~80 B (MP-0 medium float64: 75-85 kB/edge). The exact mode's
+# distinct-edge tables (mace_ase.model.fused.PAIRED_TABLE_BYTES) add at most 384 MB, and only to graphs small enough
+# for them (~1,000 Si atoms): more per edge than this estimate there (7 kB/edge at 512 atoms), far below any budget.
+_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 4, False: 80}
+_BYTES_PER_EDGE_FIXED = 1200
 _DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available now
 MEMORY_LIMIT_ENV = "MACE_ASE_MEMORY_LIMIT_GB"
 

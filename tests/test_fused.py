@@ -122,6 +122,28 @@ def test_fused_matches_reference_float32() -> None:
     assert torch.allclose(grad, grad_ref, rtol=0, atol=2e-5 * (1 + float(grad_ref.abs().max())))
 
 
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("fast", [True, False])
+def test_node_blocks_give_the_numbers_of_one_block(name: str, fast: bool) -> None:
+    """The per-node steps run block by block on the CPU (MACE.node_blocks, for cache locality): blocks of 5 nodes,
+    several straddling two elements, give the energies, edge gradients and descriptors of one block."""
+    model = load_model(fixture_model(name), device="cpu", dtype="float64", fused=False)
+    fused._set(model, fast, fast and fused.load_kernel()[0] is not None)
+    vectors, edge_index, species = _graph(model)
+    one_block = model.energy_and_edge_gradients(vectors, edge_index, species)
+    descriptors = model.node_features(vectors, edge_index, species)
+    model.node_block = 5
+    counts = torch.bincount(species, minlength=int(model.atomic_numbers.shape[0])).tolist()
+    blocks = model.node_blocks(counts, False)
+    assert [sum(column) for column in zip(*blocks)] == counts and max(sum(b) for b in blocks) <= 5
+    assert any(sum(1 for c in b if c) > 1 for b in blocks)  # some block holds two elements
+    blocked = model.energy_and_edge_gradients(vectors, edge_index, species)
+    assert torch.allclose(blocked[0], one_block[0], rtol=0, atol=1e-13)
+    assert torch.allclose(blocked[1], one_block[1], rtol=0, atol=1e-13)
+    for h, h_one in zip(model.node_features(vectors, edge_index, species), descriptors):
+        assert torch.allclose(h, h_one, rtol=0, atol=1e-13)
+
+
 def test_chunked_torch_path_without_kernel(monkeypatch) -> None:
     """No compiler (or CUDA): the chunked, recomputing torch path, same numbers."""
     monkeypatch.setattr(fused, "CHUNK_EDGES", 64)
