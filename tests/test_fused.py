@@ -144,6 +144,28 @@ def test_node_blocks_give_the_numbers_of_one_block(name: str, fast: bool) -> Non
         assert torch.allclose(h, h_one, rtol=0, atol=1e-13)
 
 
+def _curvature(model, vectors, edge_index, species) -> torch.Tensor:
+    """d/dr of sum(g^2) with g = dE/dr: a double backward, as for Hessians."""
+    vectors = vectors.clone().requires_grad_(True)
+    energy = model.graph_energies(vectors, edge_index, species).sum()
+    (grad,) = torch.autograd.grad(energy, vectors, create_graph=True)
+    return torch.autograd.grad((grad**2).sum(), vectors)[0]
+
+
+@pytest.mark.parametrize("name", ["mp0a_medium", "mpa0_density"])
+def test_node_blocks_second_derivatives(name: str, monkeypatch) -> None:
+    """A double backward through several receiver blocks (the blocks share h_up and its gradient) is that of one."""
+    monkeypatch.setattr(fused, "CHUNK_EDGES", 64)
+    model = load_model(fixture_model(name), device="cpu", dtype="float64", fused=False, radial="exact")
+    fused._set(model, True, fused.load_kernel()[0] is not None)
+    args = _graph(model)
+    one_block = _curvature(model, *args)
+    model.node_block = 5
+    blocked = _curvature(model, *args)
+    assert torch.allclose(blocked, one_block, rtol=0, atol=1e-11)
+    assert one_block.abs().max() > 1e-3
+
+
 def test_chunked_torch_path_without_kernel(monkeypatch) -> None:
     """No compiler (or CUDA): the chunked, recomputing torch path, same numbers."""
     monkeypatch.setattr(fused, "CHUNK_EDGES", 64)

@@ -4,7 +4,12 @@ The reference (:meth:`mace_ase.model.mace.Interaction.convolution`, what TorchSc
 edges at once, the radial weights ``W = MLP(R(r))`` ``[E, paths, C]``, the gathered sender features ``[E, D_in, C]``
 and their products, and autograd keeps them all for the backward pass: about 45 kB per edge in float32. Here:
 
-* receivers are processed in chunks of at most :data:`CHUNK_EDGES` edge rows (:data:`CHUNK_EDGES_GPU` on a GPU,
+* the model calls it once per block of receivers (:meth:`~mace_ase.model.mace.MACE.node_blocks`, 1,024 nodes on
+  the CPU), then runs that block's per-node steps while its convolution output is in cache: no ``[N, D_out, C]``
+  tensor of the whole system is ever formed (2.8 GB and its gradient as much again, fresh memory, for 97,336 Si atoms
+  and MP-0 medium in float32). The blocks share the sender features through :class:`LayerSenders` and add dL/dh_up
+  into one buffer;
+* within a block, receivers are processed in chunks of at most :data:`CHUNK_EDGES` edge rows (:data:`CHUNK_EDGES_GPU` on a GPU,
   which wants large launches): a fixed memory budget, so the cost per atom and the memory per edge do not grow with
   the system;
 * per chunk, ``W`` comes from the radial MLP (a GEMM) and the compiled CPU kernel
@@ -403,46 +408,104 @@ def _use_kernel(interaction: Any, h_up: Tensor) -> bool:
     return h_up.device.type == "cpu" and getattr(interaction, "fused_kernel", False) and load_kernel()[0] is not None
 
 
+class LayerSenders:
+    """One call's state of one interaction, shared by the convolutions of its receiver blocks
+    (:meth:`~mace_ase.model.mace.MACE.node_blocks`): the sender features ``h_up`` of all nodes, which every block
+    reads; dL/dh_up, which the blocks' backward passes add into one whole-system buffer (a gradient per block would be
+    a zero-filled whole-system tensor each); the exact mode's distinct-edge table; the budget of kept MLP graphs.
+
+    :func:`layer_senders` makes one and hands it on attached to a token tensor, the output of
+    :class:`_SenderGradient`: autograd runs that node's backward pass after those of all the blocks that consumed
+    the token, and it returns the accumulated gradient to ``h_up``.
+    """
+
+    def __init__(self, interaction: Any, h_up: Tensor, radial_rows: Optional[List[Tensor]]) -> None:
+        self.h_up = h_up.detach()
+        self.h_up_graph = h_up  # differentiable, for a double backward (Hessians)
+        self.grad: Optional[Tensor] = None
+        self.keep_left = KEEP_BYTES
+        self.distinct: Optional[_DistinctEdgeTable] = None
+        if radial_rows is not None and len(radial_rows) == 6 and _use_kernel(interaction, h_up):
+            self.distinct = _DistinctEdgeTable(interaction, *radial_rows[2:])
+
+    def add_grad(self, sender: Tensor, grad_rows: Tensor, create_graph: bool) -> None:
+        """``dL/dh_up[sender] += grad_rows`` (differentiably in a double backward)."""
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.h_up)
+        if create_graph:
+            self.grad = self.grad.index_add(0, sender, grad_rows)
+        elif self.h_up.device.type == "cpu" and load_kernel()[0] is not None:
+            load_kernel()[0].index_add_rows(self.grad, sender, grad_rows)  # grad.index_add_(0, ...), in parallel
+        else:
+            self.grad.index_add_(0, sender, grad_rows)
+
+
+class _SenderGradient(torch.autograd.Function):
+    """``h_up`` -> an empty token carrying its :class:`LayerSenders`; backward: the blocks' accumulated dL/dh_up."""
+
+    @staticmethod
+    def forward(ctx, h_up, layer):  # noqa: D102
+        ctx.layer = layer
+        return h_up.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad):  # noqa: D102
+        grad, ctx.layer.grad = ctx.layer.grad, None  # used once; a second backward pass accumulates anew
+        return (grad if grad is not None else torch.zeros_like(ctx.layer.h_up)), None
+
+
+def layer_senders(interaction: Any, h_up: Tensor, radial_rows: Optional[List[Tensor]]) -> Tensor:
+    """The token that the receiver blocks' :func:`fused_convolution` calls of one interaction take (see
+    :class:`LayerSenders`)."""
+    layer = LayerSenders(interaction, h_up, radial_rows)
+    token = _SenderGradient.apply(h_up, layer)
+    token.layer = layer
+    return token
+
+
 class _FusedConvolution(torch.autograd.Function):
-    """Inputs ``radial_x, radial_y``: what the reference code recomputes the weights from, (edge features,
+    """The convolution of one block of receivers (``n_receivers`` of them; its edge rows are ``sh``, ``sender``,
+    ...). Inputs ``radial_x, radial_y``: what the reference code recomputes the weights from, (edge features,
     envelope) for the exact radial MLP or (u ``[E, 1]``, interval ``[E]``) in the spline mode. With ``table``
     (``[rows, coefficients, P*C]``: the spline mode's intervals, or the exact mode's distinct edges of
     :func:`distinct_radial_rows`), the compiled path evaluates each edge's weights from its ``interval`` row at
-    ``u`` and never forms them for all edges; its backward pass gives dL/du."""
+    ``u`` and never forms them for all edges; its backward pass gives dL/du. dL/dh_up goes to ``layer``."""
 
     @staticmethod
-    def forward(ctx, interaction, h_up, sh, radial_x, radial_y, sender, active, table, interval, u,  # noqa: D102
-                distinct=None):
-        n_receivers = h_up.shape[0]
+    def forward(ctx, interaction, token, layer, n_receivers, sh, radial_x, radial_y, sender, active, table,  # noqa: D102
+                interval, u):
+        h_up = layer.h_up
         neighbours = sender.shape[0] // max(n_receivers, 1)
         channels = h_up.shape[2]
         use_kernel = _use_kernel(interaction, h_up)
         tables = interaction.fused_tables
-        ctx.interaction = interaction
+        ctx.interaction, ctx.layer, ctx.n_receivers = interaction, layer, n_receivers
         ctx.use_kernel = use_kernel
         ctx.kept = {}
+        distinct = layer.distinct is not None and table is not None
         ctx.distinct = distinct  # the exact mode's distinct-edge table (its storage is reused between calls)
         # radial_x, radial_y are (u, interval) in spline tables, else the MLP's inputs
-        ctx.spline = spline = getattr(interaction, "spline", None) if table is not None and distinct is None else None
-        ctx.save_for_backward(h_up, sh, radial_x, radial_y, sender, active, None if distinct else table, interval, u)
+        ctx.spline = spline = getattr(interaction, "spline", None) if table is not None and not distinct else None
+        ctx.save_for_backward(sh, radial_x, radial_y, sender, active, None if distinct else table, interval, u)
         if use_kernel and table is not None:  # one call: nothing per edge is stored
             return load_kernel()[0].spline_convolution_forward(
                 table, interval, u.view(-1), sh, h_up, sender, active, n_receivers, tables[4],
                 table.shape[2] // channels, *tables[:4])
         out = h_up.new_empty(n_receivers, tables[4], channels)
         chunks = _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(spline, h_up.device))
-        # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights) are kept for the backward pass,
-        # which starts there; the other chunks are recomputed.
+        # The radial MLP graphs of the last chunks (up to KEEP_BYTES of weights per layer, over all its blocks) are
+        # kept for the backward pass; the other chunks are recomputed.
         row_bytes = interaction.radial_mlp.weights[-1].shape[1] * h_up.element_size() * 2  # weights + hidden
-        n_keep = min(len(chunks), KEEP_BYTES // max(row_bytes * CHUNK_EDGES, 1))
-        n_keep = n_keep if any(ctx.needs_input_grad[3:5]) else 0
+        n_keep = min(len(chunks), layer.keep_left // max(row_bytes * CHUNK_EDGES, 1))
+        n_keep = n_keep if any(ctx.needs_input_grad[5:7]) else 0
+        layer.keep_left -= n_keep * row_bytes * CHUNK_EDGES
         for index, (start, stop) in enumerate(chunks):
             rows = slice(start * neighbours, stop * neighbours)
             if use_kernel:
                 keep = index >= len(chunks) - n_keep
                 with torch.set_grad_enabled(keep):
-                    feats = radial_x[rows].detach().requires_grad_(keep and ctx.needs_input_grad[3])
-                    env = radial_y[rows].detach().requires_grad_(keep and ctx.needs_input_grad[4])
+                    feats = radial_x[rows].detach().requires_grad_(keep and ctx.needs_input_grad[5])
+                    env = radial_y[rows].detach().requires_grad_(keep and ctx.needs_input_grad[6])
                     weights = _radial_weights(interaction, spline, feats, env, active[rows], channels)
                 if keep:
                     ctx.kept[index] = (feats, env, weights)
@@ -457,33 +520,35 @@ class _FusedConvolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        h_up, sh, radial_x, radial_y, sender, active, table, interval, u = ctx.saved_tensors
-        if ctx.distinct is not None:
-            table = ctx.distinct.current()
+        sh, radial_x, radial_y, sender, active, table, interval, u = ctx.saved_tensors
+        if ctx.distinct:
+            table = ctx.layer.distinct.current()
         create_graph = torch.is_grad_enabled()  # a double backward (Hessian): stay differentiable
+        need_h = ctx.needs_input_grad[1]
         grad_u = None
         if ctx.use_kernel and not create_graph and table is not None:
-            grad_h, grad_sh, grad_u = _table_backward(ctx, grad_out, h_up, sh, sender, active, table, interval, u)
-            grads = (grad_h, grad_sh, None, None)
+            grad_sh, grad_u = _table_backward(ctx, grad_out, need_h, sh, sender, active, table, interval, u)
+            grads = (grad_sh, None, None)
         elif ctx.use_kernel and not create_graph:
-            grads = _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active)
+            grads = _kernel_backward(ctx, grad_out, need_h, sh, radial_x, radial_y, sender, active)
         else:  # the reference code, from radial_x and radial_y (the exact mode's tables are not differentiable)
-            grads = _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_y, sender, active)
+            grads = _recompute_backward(ctx, grad_out, need_h, create_graph, sh, radial_x, radial_y, sender, active)
         ctx.kept = {}  # used once; a second backward pass through this node (Hessians) recomputes
-        return (None, *grads, None, None, None, None, grad_u, None)
+        token_grad = sh.new_zeros(0) if need_h else None
+        return (None, token_grad, None, None, *grads, None, None, None, None, grad_u)
 
 
-def _table_backward(ctx, grad_out, h_up, sh, sender, active, table, interval, u):
+def _table_backward(ctx, grad_out, need_h, sh, sender, active, table, interval, u):
     """Per chunk of CHUNK_EDGES_SPLINE edge rows (no weights per chunk, so large ones): the kernel's dL/du,
-    dL/dY and per-edge dL/dx (index-added onto the senders)."""
+    dL/dY and per-edge dL/dx (added onto the senders)."""
     kernel = load_kernel()[0]
-    n_receivers, _, channels = h_up.shape
-    neighbours = sender.shape[0] // max(n_receivers, 1)
-    need_h, need_sh, need_u = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[9]
-    grad_h = torch.zeros_like(h_up) if need_h else None
+    h_up = ctx.layer.h_up
+    channels = h_up.shape[2]
+    neighbours = sender.shape[0] // max(ctx.n_receivers, 1)
+    need_sh, need_u = ctx.needs_input_grad[4], ctx.needs_input_grad[11]
     grad_sh = torch.empty_like(sh) if need_sh else None
     grad_u = torch.empty_like(u) if need_u else None
-    chunks = _chunks(n_receivers, neighbours, h_up.device, CHUNK_EDGES_SPLINE)
+    chunks = _chunks(ctx.n_receivers, neighbours, h_up.device, CHUNK_EDGES_SPLINE)
     largest = max((stop - start) * neighbours for start, stop in chunks)
     buffer_y = h_up.new_empty(largest, sh.shape[1])  # work buffers reused by every chunk
     buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
@@ -494,26 +559,26 @@ def _table_backward(ctx, grad_out, h_up, sh, sender, active, table, interval, u)
             sender[rows], active[rows], table.shape[2] // channels, *ctx.interaction.fused_tables[:4], buffer_y,
             buffer_x)
         if need_h:
-            kernel.index_add_rows(grad_h, sender[rows], grad_x)  # grad_h.index_add_(0, ...), in parallel
+            ctx.layer.add_grad(sender[rows], grad_x, False)
         if need_sh:
             grad_sh[rows] = grad_y
         if need_u:
             grad_u[rows] = grad_u_rows.view(u[rows].shape)
-    return grad_h, grad_sh, grad_u
+    return grad_sh, grad_u
 
 
-def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active):
+def _kernel_backward(ctx, grad_out, need_h, sh, radial_x, radial_y, sender, active):
     """Per chunk (last first): radial MLP (kept or recomputed), the kernel's dL/dW, dL/dY, dL/dx, MLP backward."""
     interaction = ctx.interaction
     kernel = load_kernel()[0]
-    n_receivers, _, channels = h_up.shape
-    neighbours = sender.shape[0] // max(n_receivers, 1)
-    need_h, need_sh, need_feats, need_env = ctx.needs_input_grad[1:5]
-    grad_h = torch.zeros_like(h_up) if need_h else None
+    h_up = ctx.layer.h_up
+    channels = h_up.shape[2]
+    neighbours = sender.shape[0] // max(ctx.n_receivers, 1)
+    need_sh, need_feats, need_env = ctx.needs_input_grad[4:7]
     grad_sh = torch.empty_like(sh) if need_sh else None
     grad_feats = torch.empty_like(radial_x) if need_feats else None
     grad_env = torch.empty_like(radial_y) if need_env else None
-    chunks = _chunks(n_receivers, neighbours, h_up.device)
+    chunks = _chunks(ctx.n_receivers, neighbours, h_up.device)
     largest = max((stop - start) * neighbours for start, stop in chunks)
     n_paths = interaction.radial_mlp.weights[-1].shape[1] // channels
     # work buffers reused by every chunk (the kernel initialises the rows it writes)
@@ -534,7 +599,7 @@ def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active
             grad_out[start:stop].contiguous(), weights.detach(), sh[rows], h_up, sender[rows], active[rows],
             *interaction.fused_tables[:4], buffer_w, buffer_y, buffer_x)
         if need_h:
-            kernel.index_add_rows(grad_h, sender[rows], grad_x)  # grad_h.index_add_(0, ...), in parallel
+            ctx.layer.add_grad(sender[rows], grad_x, False)
         if need_sh:
             grad_sh[rows] = grad_y
         inputs = [t for t, need in ((feats, need_feats), (env, need_env)) if need]
@@ -545,21 +610,24 @@ def _kernel_backward(ctx, grad_out, h_up, sh, radial_x, radial_y, sender, active
                 grad_feats[rows] = radial.pop(0)
             if need_env:
                 grad_env[rows] = radial.pop(0)
-    return grad_h, grad_sh, grad_feats, grad_env
+    return grad_sh, grad_feats, grad_env
 
 
-def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_y, sender, active):
+def _recompute_backward(ctx, grad_out, need_h, create_graph, sh, radial_x, radial_y, sender, active):
     """Per chunk: the reference code recomputed under autograd (differentiable again when ``create_graph``)."""
     interaction = ctx.interaction
-    n_receivers, _, channels = h_up.shape
-    neighbours = sender.shape[0] // max(n_receivers, 1)
-    need = ctx.needs_input_grad[1:5]
-    grad_h = torch.zeros_like(h_up) if need[0] else None
+    h_up = ctx.layer.h_up
+    channels = h_up.shape[2]
+    neighbours = sender.shape[0] // max(ctx.n_receivers, 1)
+    need = (need_h, *ctx.needs_input_grad[4:7])
     pieces: List[List[Tensor]] = [[], [], []]  # per chunk: d/dsh, d/dradial_x, d/dradial_y
-    for start, stop in _chunks(n_receivers, neighbours, h_up.device, _torch_spline_budget(ctx.spline, h_up.device)):
+    chunks = _chunks(ctx.n_receivers, neighbours, h_up.device, _torch_spline_budget(ctx.spline, h_up.device))
+    for start, stop in chunks:
         rows = slice(start * neighbours, stop * neighbours)
         with torch.enable_grad():
-            inputs = [h_up.index_select(0, sender[rows]), sh[rows], radial_x[rows], radial_y[rows]]
+            # a double backward differentiates through h_up itself (its graph), else its detached copy will do
+            senders = ctx.layer.h_up_graph if create_graph else h_up
+            inputs = [senders.index_select(0, sender[rows]), sh[rows], radial_x[rows], radial_y[rows]]
             if not create_graph:
                 inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
             weights = _radial_weights(interaction, ctx.spline, inputs[2], inputs[3], active[rows], channels)
@@ -572,32 +640,33 @@ def _recompute_backward(ctx, grad_out, create_graph, h_up, sh, radial_x, radial_
             grad = result.pop(0) if n else None
             grads.append(torch.zeros_like(tensor) if n and grad is None else grad)
         if need[0]:
-            grad_h = grad_h.index_add(0, sender[rows], grads[0]) if create_graph else grad_h.index_add_(
-                0, sender[rows], grads[0])
+            ctx.layer.add_grad(sender[rows], grads[0], create_graph)
         for k in range(3):
             pieces[k].append(grads[k + 1])
-    return (grad_h, *(torch.cat(p) if n else None for p, n in zip(pieces, need[1:])))
+    return tuple(torch.cat(p) if n else None for p, n in zip(pieces, need[1:]))
 
 
-def fused_convolution(interaction: Any, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
-                      sender: Tensor, radial_rows: Optional[List[Tensor]] = None) -> Tensor:
-    """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, N)``, chunked and fused.
+def fused_convolution(interaction: Any, token: Tensor, n_receivers: int, sh: Tensor, edge_feats: Tensor,
+                      envelope: Tensor, sender: Tensor, radial_rows: Optional[List[Tensor]] = None) -> Tensor:
+    """Same as ``interaction.convolution(h_up[sender], sh, edge_feats, envelope, n_receivers)`` for one block of
+    receivers, chunked and fused; ``token`` comes from :func:`layer_senders` (``h_up`` of all nodes).
 
-    ``radial_rows``: ``[u, interval]`` of :mod:`mace_ase.model.radial_spline` in the spline mode, or the distinct
-    edges of :func:`distinct_radial_rows` (six tensors) in the exact mode; None: the chunked radial MLP.
+    ``radial_rows``: the block's ``[u, interval]`` in the tables of :mod:`mace_ase.model.radial_spline` (spline
+    mode) or among the layer's distinct edges (:func:`distinct_radial_rows`, exact mode); None: the chunked radial MLP.
     """
+    layer = token.layer
     active = envelope.view(-1) != 0  # padding and r >= r_max: exactly zero weights, values and gradients
     spline = getattr(interaction, "spline", None)
+    if radial_rows is not None and layer.distinct is not None:
+        u, interval = radial_rows[0], radial_rows[1]
+        return _FusedConvolution.apply(interaction, token, layer, n_receivers, sh, edge_feats, envelope, sender,
+                                       active, layer.distinct.table, interval, u)
     if radial_rows is not None and len(radial_rows) == 2 and spline is not None:
         u, interval = radial_rows[0], radial_rows[1]
-        return _FusedConvolution.apply(interaction, h_up, sh, u, interval, sender, active,
+        return _FusedConvolution.apply(interaction, token, layer, n_receivers, sh, u, interval, sender, active,
                                        spline[0].tables[spline[1]], interval, u)
-    if radial_rows is not None and len(radial_rows) == 6 and _use_kernel(interaction, h_up):
-        u, interval, feats, dfeats, env, denv = radial_rows
-        distinct = _DistinctEdgeTable(interaction, feats, dfeats, env, denv)
-        return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active, distinct.table,
-                                       interval, u, distinct)
-    return _FusedConvolution.apply(interaction, h_up, sh, edge_feats, envelope, sender, active, None, None, None)
+    return _FusedConvolution.apply(interaction, token, layer, n_receivers, sh, edge_feats, envelope, sender, active,
+                                   None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -711,6 +780,7 @@ def _set(model: torch.nn.Module, fused: bool, kernel: bool) -> None:
     for product in model.products:
         product.fused = fused and kernel  # the contraction kernel is CPU-only; elsewhere the reference runs
     model.fused_geometry = fused and kernel and model.max_ell <= 3  # the spherical-harmonics kernel, likewise
+    model.fused_blocks = fused  # node blocks on the CPU (MACE.node_blocks): the fast path shares h_up between them
 
 
 def _test_graph(model: torch.nn.Module) -> Tuple[Tensor, Tensor, Tensor]:

@@ -409,12 +409,20 @@ class Interaction(nn.Module):
         return torch.cat(pieces, dim=1)
 
     @torch.jit.unused
-    def fused_convolution(self, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
-                          radial_rows: Optional[List[Tensor]]) -> Tensor:
+    def fused_senders(self, h_up: Tensor, radial_rows: Optional[List[Tensor]]) -> Tensor:
+        """The fast path's handle on ``h_up`` for the receiver blocks (eager mode only): see
+        :func:`mace_ase.model.fused.layer_senders`."""
+        from mace_ase.model.fused import layer_senders
+
+        return layer_senders(self, h_up, radial_rows)
+
+    @torch.jit.unused
+    def fused_convolution(self, senders: Tensor, n_receivers: int, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
+                          sender: Tensor, radial_rows: Optional[List[Tensor]]) -> Tensor:
         """Same result as :meth:`convolution` (fast path, eager mode only): see :mod:`mace_ase.model.fused`."""
         from mace_ase.model.fused import fused_convolution
 
-        return fused_convolution(self, h_up, sh, edge_feats, envelope, sender, radial_rows)
+        return fused_convolution(self, senders, n_receivers, sh, edge_feats, envelope, sender, radial_rows)
 
     def node_inputs(self, h: Tensor, species_counts: List[int]) -> Tuple[Tensor, Optional[Tensor]]:
         """Per-node work before the neighbour sum: the sender features ``linear_up(h)`` and, in residual blocks, the
@@ -424,14 +432,23 @@ class Interaction(nn.Module):
             sc = self.skip(h, species_counts)
         return self.linear_up(h), sc
 
-    def neighbour_sum(self, h_up: Tensor, sh: Tensor, edge_feats: Tensor, envelope: Tensor, sender: Tensor,
-                      radial_rows: Optional[List[Tensor]] = None) -> Tensor:
-        """The convolution of every receiver, ``[N, D_out, C]`` (eq. 8, before the linear). Edge inputs (``sh``,
-        ``edge_feats``, ``envelope``, ``sender``) are in the padded ``[N*K]`` layout; ``radial_rows`` (eager, fused
-        runs only) places each edge in tabulated radial weights (:meth:`MACE.tabulated_radial_rows`)."""
+    def senders(self, h_up: Tensor, radial_rows: Optional[List[Tensor]] = None) -> Tensor:
+        """What :meth:`neighbour_sum` reads the sender features from: ``h_up`` itself, or on the fast path a handle
+        through which the receiver blocks share ``h_up`` and accumulate its gradient (``radial_rows``: the layer's
+        rows of :meth:`MACE.tabulated_radial_rows`)."""
         if self.fused and not torch.jit.is_scripting():
-            return self.fused_convolution(h_up, sh, edge_feats, envelope, sender, radial_rows)
-        return self.convolution(h_up.index_select(0, sender), sh, edge_feats, envelope, h_up.shape[0])
+            return self.fused_senders(h_up, radial_rows)
+        return h_up
+
+    def neighbour_sum(self, senders: Tensor, n_receivers: int, sh: Tensor, edge_feats: Tensor, envelope: Tensor,
+                      sender: Tensor, radial_rows: Optional[List[Tensor]] = None) -> Tensor:
+        """The convolution of ``n_receivers`` receivers, ``[n_receivers, D_out, C]`` (eq. 8, before the linear), from
+        their edge rows (``sh``, ``edge_feats``, ``envelope``, ``sender``: padded ``[n_receivers*K]`` layout);
+        ``senders`` from :meth:`senders`; ``radial_rows`` (eager, fused runs only) places each edge in tabulated
+        radial weights (:meth:`MACE.tabulated_radial_rows`)."""
+        if self.fused and not torch.jit.is_scripting():
+            return self.fused_convolution(senders, n_receivers, sh, edge_feats, envelope, sender, radial_rows)
+        return self.convolution(senders.index_select(0, sender), sh, edge_feats, envelope, n_receivers)
 
     def message(self, convolved: Tensor, edge_feats: Tensor, envelope: Tensor, species_counts: List[int]) -> Tensor:
         """Per-node work after it (eq. 9): linear, normalisation, and the per-element map of non-residual blocks.
@@ -612,6 +629,7 @@ class MACE(nn.Module):
         self.radial_spline = None  # the RadialSpline object when on
         self.fused_geometry = False  # spherical harmonics by the CPU kernel (mace_ase.model.fused._set); eager only
         self.node_block = NODE_BLOCK
+        self.fused_blocks = False  # receiver blocks of the fast path (mace_ase.model.fused._set); else one block
         self.zbl = zbl if zbl is not None else nn.Identity()
 
     def edge_geometry(self, vectors: Tensor, species: Tensor, sender: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -668,26 +686,36 @@ class MACE(nn.Module):
         radial_rows: Optional[List[Tensor]] = None
         if not torch.jit.is_scripting():
             radial_rows = self.tabulated_radial_rows(lengths, z_sender, z_receiver, envelope)
-        one_block = vectors.is_cuda
+        one_block = vectors.is_cuda or not self.fused_blocks
         if not torch.jit.is_scripting():
             one_block = one_block or self.compiling()  # torch.export: shapes are symbolic, blocks would be guards
         blocks = self.node_blocks(species_counts, one_block)
         sizes = [sum(counts) for counts in blocks]
         neighbours = sender.shape[0] // max(species.shape[0], 1)
         edge_sizes = [size * neighbours for size in sizes]
-        # Views, split once: each split's backward is one concatenation, where a slice per block would add a
-        # zero-filled whole-system gradient per block.
-        edge_feats_blocks = edge_feats.split(edge_sizes)
+        # The edge rows of each block, split once: a split's backward pass is one concatenation, where a slice per
+        # block would add a zero-filled whole-system gradient per block.
+        sh_blocks = sh.split(edge_sizes)
+        feats_blocks = edge_feats.split(edge_sizes)
         envelope_blocks = envelope.split(edge_sizes)
+        sender_blocks = sender.split(edge_sizes)
+        rows_blocks: List[Optional[List[Tensor]]] = []
+        if radial_rows is not None:  # (u, row) of each edge; the exact mode's further entries are per distinct edge
+            for u_b, row_b in zip(radial_rows[0].split(edge_sizes), radial_rows[1].split(edge_sizes)):
+                rows_blocks.append([u_b, row_b])
+        else:
+            for _ in blocks:
+                rows_blocks.append(None)
         h_blocks = self.embedding[species].unsqueeze(1).split(sizes)  # [n_b, 1, C]: layer-0 features are scalars
         features: List[List[Tensor]] = []
         for interaction, product in zip(self.interactions, self.products):
             inputs = [interaction.node_inputs(h, counts) for h, counts in zip(h_blocks, blocks)]
-            h_up = _join([sender_features for sender_features, _ in inputs])
-            convolved = interaction.neighbour_sum(h_up, sh, edge_feats, envelope, sender, radial_rows).split(sizes)
+            senders = interaction.senders(_join([h_up for h_up, _ in inputs]), radial_rows)
             new_blocks: List[Tensor] = []
             for b, counts in enumerate(blocks):
-                message = interaction.message(convolved[b], edge_feats_blocks[b], envelope_blocks[b], counts)
+                convolved = interaction.neighbour_sum(senders, sizes[b], sh_blocks[b], feats_blocks[b],
+                                                      envelope_blocks[b], sender_blocks[b], rows_blocks[b])
+                message = interaction.message(convolved, feats_blocks[b], envelope_blocks[b], counts)
                 new_blocks.append(product(message, inputs[b][1], counts))
             h_blocks = new_blocks
             features.append(h_blocks)
