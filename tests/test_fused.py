@@ -123,12 +123,13 @@ def test_fused_matches_reference_float32() -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("fast", [True, False])
-def test_node_blocks_give_the_numbers_of_one_block(name: str, fast: bool) -> None:
-    """The per-node steps run block by block on the CPU (MACE.node_blocks, for cache locality): blocks of 5 nodes,
-    several straddling two elements, give the energies, edge gradients and descriptors of one block."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_node_blocks_give_the_numbers_of_one_block(name: str, kernel: bool) -> None:
+    """The fast path runs block by block on the CPU (MACE.node_blocks, for cache locality): blocks of 5 nodes,
+    several straddling two elements, give the energies, edge gradients and descriptors of one block, with the
+    compiled kernels and with the chunked torch code."""
     model = load_model(fixture_model(name), device="cpu", dtype="float64", fused=False)
-    fused._set(model, fast, fast and fused.load_kernel()[0] is not None)
+    fused._set(model, True, kernel and fused.load_kernel()[0] is not None)
     vectors, edge_index, species = _graph(model)
     one_block = model.energy_and_edge_gradients(vectors, edge_index, species)
     descriptors = model.node_features(vectors, edge_index, species)

@@ -9,9 +9,9 @@ and their products, and autograd keeps them all for the backward pass: about 45 
   tensor of the whole system is ever formed (2.8 GB and its gradient as much again, fresh memory, for 97,336 Si atoms
   and MP-0 medium in float32). The blocks share the sender features through :class:`LayerSenders` and add dL/dh_up
   into one buffer;
-* within a block, receivers are processed in chunks of at most :data:`CHUNK_EDGES` edge rows (:data:`CHUNK_EDGES_GPU` on a GPU,
-  which wants large launches): a fixed memory budget, so the cost per atom and the memory per edge do not grow with
-  the system;
+* within a block, receivers are processed in chunks of at most :data:`CHUNK_EDGES` edge rows
+  (:data:`CHUNK_EDGES_GPU` on a GPU, which wants large launches): a fixed memory budget, so the cost per atom and the
+  memory per edge do not grow with the system;
 * per chunk, ``W`` comes from the radial MLP (a GEMM) and the compiled CPU kernel
   (``kernels/convolution.cpp``) sums ``G(Y) * W * x[sender]`` over each receiver's neighbours without forming any
   other per-edge, per-path, per-channel tensor;

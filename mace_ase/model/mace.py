@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-NODE_BLOCK = 1024  # nodes per block of the per-node steps on the CPU (MACE.node_blocks)
+NODE_BLOCK = 1024  # receivers per block of the CPU fast path (MACE.node_blocks): flat from 256 to 2,048 (RESULTS.md)
 
 # --------------------------------------------------------------------------------------------------------------
 # Small building blocks
@@ -361,6 +361,9 @@ class Interaction(nn.Module):
       the product; otherwise the message itself goes through a per-element linear map.
     * ``density``: divide by ``1 + rho_i`` with ``rho_i = sum_j tanh((R(r_ij) . w)^2)`` instead of the average
       number of neighbours.
+
+    Called in three steps (:meth:`MACE.layer_features`), so that the receivers can go block by block:
+    :meth:`node_inputs` (per sender), :meth:`neighbour_sum` (per receiver, over its edges), :meth:`message`.
     """
 
     def __init__(self, linear_up: EquivariantLinear, radial_mlp: RadialMLP, paths: List[ConvolutionPath],
@@ -645,12 +648,13 @@ class MACE(nn.Module):
         return torch.compiler.is_compiling()
 
     def node_blocks(self, species_counts: List[int], one_block: bool) -> List[List[int]]:
-        """Runs of nodes processed together by the per-node steps: each block's element counts (model order).
+        """Runs of receivers processed together by :meth:`layer_features`: each block's element counts (model order).
 
-        On the CPU, near-equal blocks of at most :attr:`node_block` nodes: each step's intermediates then stay in
-        cache from one step to the next instead of each step streaming a whole-system ``[N, D, C]`` tensor from memory
-        (the time per atom grew by 80 % from 1,000 to 100,000 atoms without it). A block may hold several elements
-        (nodes are sorted by element). ``one_block``: a GPU wants large launches, and ``torch.export`` symbolic shapes.
+        On the CPU fast path, near-equal blocks of at most :attr:`node_block` nodes: each step's intermediates then
+        stay in cache from one step to the next instead of each step streaming a whole-system ``[N, D, C]`` tensor
+        from memory (the time per atom grew by 80 % from 1,000 to 100,000 atoms without it). A block may hold several
+        elements (nodes are sorted by element). ``one_block``: the reference path (its gathers would give each block a
+        whole-system gradient), a GPU (large launches) and ``torch.export`` (symbolic shapes).
         """
         n_nodes = sum(species_counts)
         if one_block or self.node_block <= 0 or n_nodes <= self.node_block:
@@ -675,8 +679,8 @@ class MACE(nn.Module):
         block of :meth:`node_blocks` (sorted, padded layout).
 
         The one message-passing loop, shared by :meth:`node_energies` and :meth:`node_features`: per layer the
-        per-node work before the neighbour sum, the neighbour sum over all edges, then the per-node work after it,
-        block by block.
+        per-node work before the neighbour sum (all blocks), then block by block the neighbour sum of the block's
+        receivers and the per-node work after it (interaction, eq. 8-9; product, eq. 10-11).
         """
         if self.fused_geometry and not torch.jit.is_scripting():
             sh = self.fused_spherical_harmonics(vectors, lengths)  # the same, by the CPU kernel (eager runs)
