@@ -63,6 +63,19 @@ def test_each_torch_installation_has_its_own_kernel_folder(monkeypatch, tmp_path
     assert elsewhere.parent == here.parent and elsewhere != here
 
 
+def test_each_checkout_has_its_own_kernel_folder(monkeypatch, tmp_path) -> None:
+    """Two checkouts of the same sources (e.g. git worktrees) write their own paths into the build file: sharing a
+    folder rebuilt the kernels at every switch between them."""
+    monkeypatch.setenv("MACE_ASE_KERNEL_DIR", str(tmp_path / "kernels"))
+    here = fused.kernel_directory()
+    copy = tmp_path / "checkout" / "kernels"
+    shutil.copytree(fused._KERNELS, copy)
+    monkeypatch.setattr(fused, "_KERNELS", copy)
+    monkeypatch.setattr(fused, "_SOURCES", [copy / source.name for source in fused._SOURCES])
+    elsewhere = fused.kernel_directory()
+    assert elsewhere.parent == here.parent and elsewhere != here
+
+
 def test_kernel_builds_where_a_compiler_is_present() -> None:
     """With g++ and ninja (CI, the dev machines) the compiled kernel is what runs; without, the fallback says why."""
     module, reason = fused.load_kernel()

@@ -108,13 +108,14 @@ def _cpu_signature() -> str:
 def kernel_directory() -> Path:
     """Per-user, content-hashed build folder of the CPU kernel (created with mode 0700).
 
-    The hash covers the torch installation's location too: two environments with the same torch version compile
-    against different include paths, and sharing one folder made each switch between them rebuild (a minute).
+    The hash covers the torch installation's location and the sources' too: two environments with the same torch
+    version compile against different include paths, and two checkouts of the same sources write different paths into
+    the build file; sharing one folder made each switch between them rebuild (a minute or two).
     """
     digest = hashlib.sha256()
     for part in (*(source.read_bytes() for source in _SOURCES), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
                  _cpu_signature().encode(), platform.python_version().encode(),
-                 str(Path(torch.__file__).resolve().parent).encode()):
+                 str(Path(torch.__file__).resolve().parent).encode(), str(_KERNELS.resolve()).encode()):
         digest.update(part)
         digest.update(b"\0")
     base = os.environ.get("MACE_ASE_KERNEL_DIR")
