@@ -19,15 +19,16 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
     import torch
 
 # Peak memory of one energy-and-forces call per edge (forward and backward), per feature channel and byte of the
-# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout, tables). Measured by peak RSS
-# growth of one call (benchmarks/time_calculator.py, MP-0 medium, 128 channels, default mode, node-blocked per-node
-# steps, 2026-12-04) and rounded up: float32 2.7 kB per edge at 1,000 Si atoms, 1.6 kB from 8,000 to 97,336 atoms;
-# float64 5.2 kB at 1,000, 3.6 kB at 8,000, 3.2 kB at 32,768 (benchmarks/RESULTS.md): below 4 B per edge, channel
-# and byte plus 1.2 kB. The reference convolution needs ~80 B (MP-0 medium float64: 75-85 kB/edge). The exact mode's
-# distinct-edge tables (mace_ase.model.fused.PAIRED_TABLE_BYTES) add at most 384 MB, and only to graphs small enough
-# for them (~1,000 Si atoms): more per edge than this estimate there (7 kB/edge at 512 atoms), far below any budget.
-_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 4, False: 80}
-_BYTES_PER_EDGE_FIXED = 1200
+# float type, plus a fixed part (neighbour search, index/shift arrays, padded layout). Measured by peak RSS growth of
+# one call (benchmarks/time_calculator.py, MP-0 medium, 128 channels, default mode, receivers in node blocks,
+# 2026-12-04; benchmarks/RESULTS.md): float32 1.1 kB per edge at 8,000 Si atoms, 0.95 kB at 32,768, 0.84 kB at
+# 97,336; float64 2.1-2.2 kB at 8,000-32,768. Rounded up: 2.5 B per edge, channel and byte plus 0.6 kB (1.9 kB in
+# float32, 3.2 kB in float64), so that a 100,000-atom float32 call is accepted with ~10 GB free. Small graphs cost
+# more per edge (2.9 / 5.6 kB at 1,000 atoms, float32 / float64: the radial tables and fixed buffers), far below any
+# budget; so do the exact mode's distinct-edge tables (mace_ase.model.fused.PAIRED_TABLE_BYTES, at most 384 MB, only
+# for graphs of up to ~1,000 Si atoms). The reference convolution needs ~80 B (MP-0 medium float64: 75-85 kB/edge).
+_BYTES_PER_EDGE_PER_CHANNEL_ITEM = {True: 2.5, False: 80}
+_BYTES_PER_EDGE_FIXED = 600
 _DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available now
 MEMORY_LIMIT_ENV = "MACE_ASE_MEMORY_LIMIT_GB"
 
@@ -144,7 +145,7 @@ def estimate_edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
 def bytes_per_edge(channels: int, itemsize: int, chunked: bool = True) -> int:
     """Peak memory of one energy-and-forces call per edge (bytes), for a model with ``channels`` feature channels
     and ``itemsize``-byte floats; ``chunked``: the model uses the chunked (fused) convolution."""
-    return _BYTES_PER_EDGE_PER_CHANNEL_ITEM[bool(chunked)] * channels * itemsize + _BYTES_PER_EDGE_FIXED
+    return int(_BYTES_PER_EDGE_PER_CHANNEL_ITEM[bool(chunked)] * channels * itemsize) + _BYTES_PER_EDGE_FIXED
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:
