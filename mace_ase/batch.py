@@ -35,12 +35,13 @@ import torch
 from ase import Atoms
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
+from torch import Tensor
 
 from mace_ase.model.build import load_model, resolve_dtype
 from mace_ase.model.fused import distinct_table_edges
 from mace_ase.model.mace import MACE
 from mace_ase.model.radial_spline import check_radial, current_radial, effective_radial, set_radial
-from mace_ase.neighbours import neighbour_list
+from mace_ase.neighbours import PackedNeighbourLists, packed_neighbour_lists
 from mace_ase.options import resolve_device
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,20 @@ def _memory_budget(device: torch.device) -> int:
 
 
 @dataclass
-class _Graph:
-    species: np.ndarray       # [n] model species index
-    edge_index: np.ndarray    # [2, E] (sender, receiver)
-    unit_shifts: np.ndarray   # [E, 3]
-    max_neighbours: int
-    periodic: bool
+class _Graphs:
+    """Every structure's graph, packed one after another (see :class:`~mace_ase.neighbours.PackedNeighbourLists`)."""
+
+    lists: PackedNeighbourLists
+    species: np.ndarray    # [N] model species index of every atom
+    positions: np.ndarray  # [N, 3] Å
+    cells: np.ndarray      # [S, 3, 3] Å
+    periodic: np.ndarray   # [S] bool: fully periodic (has a stress)
+
+    def node_counts(self) -> np.ndarray:
+        return np.diff(self.lists.node_offsets)
+
+    def edge_counts(self) -> np.ndarray:
+        return np.diff(self.lists.edge_offsets)
 
 
 def _resolve_model(model, device: torch.device, dtype: torch.dtype, radial: str) -> MACE:
@@ -162,7 +171,7 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
     known = net.atomic_numbers.cpu().numpy()
     species_of_z[known] = np.arange(len(known))
 
-    graphs = [_graph(atoms, index, net, species_of_z, known) for index, atoms in enumerate(structures)]
+    graphs = _graphs(structures, net, species_of_z, known)
     budget = int(memory_budget) if memory_budget is not None else _memory_budget(torch_device)
     per_edge = bytes_per_padded_edge(net)
     # exact mode on the CPU: batches whose radial MLP runs once per distinct edge (2x less work than per chunk)
@@ -171,22 +180,10 @@ def evaluate(structures: Sequence[Atoms], model, batch_size: Optional[int] = Non
     n = len(structures)
     results = BatchResults(energies=np.zeros(n), forces=[np.zeros((0, 3))] * n, stresses=[None] * n,
                            node_energies=[np.zeros(0)] * n)
-    start = 0
-    while start < n:
-        stop = start + 1
-        nodes, k_max = len(graphs[start].species), max(graphs[start].max_neighbours, 1)
-        edges = graphs[start].edge_index.shape[1]
-        while stop < n and (batch_size is None or stop - start < batch_size):
-            nodes_next = nodes + len(graphs[stop].species)
-            k_next = max(k_max, graphs[stop].max_neighbours, 1)
-            edges_next = edges + graphs[stop].edge_index.shape[1]
-            if nodes_next * k_next * per_edge > budget or (edge_cap is not None and edges_next > edge_cap):
-                break
-            nodes, k_max, edges, stop = nodes_next, k_next, edges_next, stop + 1
-        _evaluate_batch(net, structures, graphs, range(start, stop), head_index, torch_device, torch_dtype, results)
+    for members in _plan_batches(graphs, batch_size, budget // per_edge, edge_cap):
+        _evaluate_batch(net, graphs, members, head_index, torch_device, torch_dtype, results)
         results.n_batches += 1
-        results.batch_sizes.append(stop - start)
-        start = stop
+        results.batch_sizes.append(len(members))
     log.debug("evaluated %d structures in %d batches", n, results.n_batches)
     return results
 
@@ -204,72 +201,129 @@ def _select_head(heads: list[str], head: Optional[str]) -> int:
     return heads.index(head)
 
 
-def _graph(atoms: Atoms, index: int, net: MACE, species_of_z: np.ndarray, known: np.ndarray) -> _Graph:
-    numbers = atoms.numbers
+def _graphs(structures: list[Atoms], net: MACE, species_of_z: np.ndarray, known: np.ndarray) -> _Graphs:
+    """The checked species and the packed neighbour lists of all structures (one filter and sort for all)."""
+    species = [_species(atoms.numbers, index, species_of_z, known) for index, atoms in enumerate(structures)]
+    periodic = np.array([bool(atoms.pbc.all()) for atoms in structures], dtype=bool)
+    for index, atoms in enumerate(structures):
+        if periodic[index] and atoms.cell.volume < 1e-9:
+            raise ValueError(f"structure {index} is periodic but its cell has zero volume")
+    cells = [np.asarray(atoms.cell.array, dtype=np.float64) for atoms in structures]
+    lists = packed_neighbour_lists(((atoms.positions, cell, atoms.pbc) for atoms, cell in zip(structures, cells)),
+                                   net.r_max_value)
+    positions = [np.asarray(atoms.positions, dtype=np.float64).reshape(-1, 3) for atoms in structures]
+    return _Graphs(lists, np.concatenate([np.zeros(0, dtype=np.int64), *species]),
+                   np.concatenate([np.zeros((0, 3)), *positions]), np.array(cells).reshape(-1, 3, 3), periodic)
+
+
+def _species(numbers: np.ndarray, index: int, species_of_z: np.ndarray, known: np.ndarray) -> np.ndarray:
     species = species_of_z[np.clip(numbers, 0, 118)]
     if (species < 0).any() or (numbers > 118).any():
         missing = sorted(set(int(z) for z, s in zip(numbers, species) if s < 0))
         raise ValueError(f"structure {index}: the model has no parameters for element(s) "
                          f"{', '.join(chemical_symbols[z] for z in missing)}; it knows "
                          f"{', '.join(chemical_symbols[int(z)] for z in known)}")
-    periodic = bool(atoms.pbc.all())
-    if periodic and atoms.cell.volume < 1e-9:
-        raise ValueError(f"structure {index} is periodic but its cell has zero volume")
-    cell = np.asarray(atoms.cell.array, dtype=np.float64)
-    edge_index, unit_shifts = neighbour_list(atoms.positions, cell, atoms.pbc, net.r_max_value)
-    counts = np.bincount(edge_index[1], minlength=len(atoms)) if edge_index.shape[1] else np.zeros(1, dtype=int)
-    return _Graph(species, edge_index, unit_shifts, int(counts.max()) if len(counts) else 0, periodic)
+    return species
 
 
-def _evaluate_batch(net: MACE, structures: Sequence[Atoms], graphs: list[_Graph], members: range, head: int,
-                    device: torch.device, dtype: torch.dtype, results: BatchResults) -> None:
+def _plan_batches(graphs: _Graphs, batch_size: Optional[int], slots: int, edge_cap: Optional[int]
+                  ) -> list[np.ndarray]:
+    """The structures of each model call, filled greedily while ``nodes * K`` stays within ``slots`` (the padded
+    edge grid the memory budget allows), the edges within ``edge_cap`` and the count within ``batch_size``.
+
+    Structures are taken in order of their largest neighbour count K: a batch is padded to its largest K, so
+    structures of similar K together waste fewer padded slots (measured: 10-15 % less model time on the
+    emt-demo benchmark than in input order). Results do not depend on the grouping.
+    """
+    order = np.argsort(np.maximum(graphs.lists.max_neighbours, 1), kind="stable")
+    nodes_of, edges_of = graphs.node_counts(), graphs.edge_counts()
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        nodes, edges = int(nodes_of[order[start]]), int(edges_of[order[start]])
+        while stop < len(order) and (batch_size is None or stop - start < batch_size):
+            s = order[stop]
+            k_next = max(int(graphs.lists.max_neighbours[s]), 1)  # the largest so far: sorted
+            nodes_next, edges_next = nodes + int(nodes_of[s]), edges + int(edges_of[s])
+            if nodes_next * k_next > slots or (edge_cap is not None and edges_next > edge_cap):
+                break
+            nodes, edges, stop = nodes_next, edges_next, stop + 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+def _ranges(offsets: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """The indices ``offsets[s]:offsets[s + 1]`` of every structure s in ``members``, concatenated in that order."""
+    starts, counts = offsets[members], offsets[members + 1] - offsets[members]
+    first = np.cumsum(counts) - counts  # where each member's run begins in the result
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - first, counts)
+
+
+def _batch_inputs(graphs: _Graphs, members: np.ndarray, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor, Tensor, list[int], list[int]]:
+    """Edge vectors, edge_index (batch node numbers) and species of the members' joint graph, with the node and
+    edge count of each member."""
+    lists = graphs.lists
+    nodes, edges = _ranges(lists.node_offsets, members), _ranges(lists.edge_offsets, members)
+    node_counts, edge_counts = graphs.node_counts()[members], graphs.edge_counts()[members]
+    # packed node numbers -> batch node numbers: each member's nodes move to where its run begins in the batch
+    renumber = np.repeat(np.cumsum(node_counts) - node_counts - lists.node_offsets[members], edge_counts)
+    edge_index = torch.as_tensor(lists.edge_index[:, edges] + renumber, device=device)
+    positions = torch.as_tensor(graphs.positions[nodes], device=device, dtype=dtype)
+    # The same expression as MACE.forward, so that the vectors are bitwise those of one call each: the lattice
+    # translations are one small matmul per structure (its own tensors, as the calculator makes them), the rest
+    # element-wise over the batch.
+    unit_shifts = lists.unit_shifts[edges]
+    bounds = np.cumsum(edge_counts) - edge_counts
+    shift_vectors = [torch.as_tensor(unit_shifts[b:b + count], device=device, dtype=dtype)
+                     @ torch.as_tensor(graphs.cells[s], device=device, dtype=dtype)
+                     for s, b, count in zip(members, bounds, edge_counts)]
+    vectors = positions[edge_index[1]] - positions[edge_index[0]] + torch.cat(shift_vectors)
+    species = torch.as_tensor(graphs.species[nodes], device=device)
+    return vectors, edge_index, species, node_counts.tolist(), edge_counts.tolist()
+
+
+def _virials(vectors: Tensor, edge_grad: Tensor, edge_counts: list[int]) -> Tensor:
+    """``sum_e r_e (x) dE/dr_e`` ``[S, 3, 3]`` of each structure, as MACE.forward: one ``[3, E_s] @ [E_s, 3]``
+    product per structure (7x faster than an index_add of the ``[E, 3, 3]`` outer products)."""
+    pairs = zip(vectors.split(edge_counts), edge_grad.split(edge_counts))
+    return torch.stack([r.transpose(0, 1) @ g for r, g in pairs])
+
+
+def _evaluate_batch(net: MACE, graphs: _Graphs, members: np.ndarray, head: int, device: torch.device,
+                    dtype: torch.dtype, results: BatchResults) -> None:
     as_float = dict(device=device, dtype=dtype)
-    vectors, edges, species, node_batch, edge_batch, cells = [], [], [], [], [], []
-    offset = 0
-    for slot, s in enumerate(members):
-        atoms, graph = structures[s], graphs[s]
-        positions = torch.as_tensor(atoms.positions, **as_float)
-        cell = torch.as_tensor(np.asarray(atoms.cell.array, dtype=np.float64), **as_float)
-        edge_index = torch.as_tensor(graph.edge_index, device=device)
-        shifts = torch.as_tensor(graph.unit_shifts, **as_float)
-        # the same expression as MACE.forward, per structure, so that the vectors are bitwise those of one call each
-        vectors.append(positions[edge_index[1]] - positions[edge_index[0]] + shifts @ cell)
-        edges.append(edge_index + offset)
-        species.append(torch.as_tensor(graph.species, device=device))
-        node_batch.append(torch.full((len(graph.species),), slot, dtype=torch.long, device=device))
-        edge_batch.append(torch.full((graph.edge_index.shape[1],), slot, dtype=torch.long, device=device))
-        cells.append(cell)
-        offset += len(graph.species)
-    vectors_all = torch.cat(vectors)
-    edge_index_all = torch.cat(edges, dim=1)
-    species_all = torch.cat(species)
-    nodes_of, edges_of = torch.cat(node_batch), torch.cat(edge_batch)
-    n_struct = len(members)
+    vectors, edge_index, species, node_counts, edge_counts = _batch_inputs(graphs, members, device, dtype)
+    n_struct, n_nodes = len(members), sum(node_counts)
+    slots = torch.arange(n_struct, device=device)
+    nodes_of = slots.repeat_interleave(torch.as_tensor(node_counts, device=device), output_size=n_nodes)
 
-    node_inter, edge_grad = net.energy_and_edge_gradients(vectors_all, edge_index_all, species_all, head)
-    node_e0 = net.atomic_energies[head][species_all].to(torch.float64)
+    node_inter, edge_grad = net.energy_and_edge_gradients(vectors, edge_index, species, head)
+    node_e0 = net.atomic_energies[head][species].to(torch.float64)
     node_total = node_e0 + node_inter.to(torch.float64)
     # as MACE.forward: sum of E0 plus sum of interaction energies, each summed per structure
     energy = (torch.zeros(n_struct, dtype=torch.float64, device=device).index_add(0, nodes_of, node_e0)
               + torch.zeros(n_struct, dtype=node_inter.dtype, device=device).index_add(0, nodes_of, node_inter)
               .to(torch.float64))
-    sender, receiver = edge_index_all[0], edge_index_all[1]
-    forces = (torch.zeros(offset, 3, **as_float).index_add(0, sender, edge_grad).index_add(0, receiver, -edge_grad))
-    edge_virial = vectors_all.unsqueeze(2) * edge_grad.unsqueeze(1)  # [E, 3, 3] r_e (x) g_e
-    virial = torch.zeros(n_struct, 3, 3, **as_float).index_add(0, edges_of, edge_virial)
+    sender, receiver = edge_index[0], edge_index[1]
+    forces = (torch.zeros(n_nodes, 3, **as_float).index_add(0, sender, edge_grad).index_add(0, receiver, -edge_grad))
+    virial = _virials(vectors, edge_grad, edge_counts)
 
     energy_np = energy.detach().cpu().numpy()
     forces_np = forces.detach().cpu().to(torch.float64).numpy()
     virial_np = virial.detach().cpu().to(torch.float64).numpy()
     node_np = node_total.detach().cpu().numpy()
+    # the volume of the cell the model saw (in its dtype)
+    cells = torch.as_tensor(graphs.cells[members], **as_float).cpu().to(torch.float64).numpy()
+    volumes = np.abs(np.linalg.det(cells))
     start = 0
-    for slot, s in enumerate(members):
-        count = len(graphs[s].species)
+    for slot, (s, count) in enumerate(zip(members.tolist(), node_counts)):
         results.energies[s] = energy_np[slot]
         results.forces[s] = forces_np[start:start + count]
         results.node_energies[s] = node_np[start:start + count]
-        if graphs[s].periodic:
+        if graphs.periodic[s]:
             v = 0.5 * (virial_np[slot] + virial_np[slot].T)
-            results.stresses[s] = full_3x3_to_voigt_6_stress(v / abs(np.linalg.det(cells[slot].cpu().to(
-                torch.float64).numpy())))
+            results.stresses[s] = full_3x3_to_voigt_6_stress(v / volumes[slot])
         start += count

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 
 from conftest import fixture_model
-from mace_ase import MACECalculator, evaluate
+from mace_ase import MACECalculator, batch, evaluate
 from mace_ase.batch import bytes_per_padded_edge
+from mace_ase.neighbours import neighbour_list
 
 EMT_DEMO = Path(__file__).resolve().parents[1] / "models" / "emt-demo.model"
 
@@ -125,3 +127,36 @@ def test_bad_batch_size() -> None:
 def test_empty_list() -> None:
     results = evaluate([], model=EMT_DEMO, device="cpu")
     assert len(results.energies) == 0 and results.n_batches == 0
+
+
+def test_batch_vectors_are_bitwise_those_of_one_call_each(structures) -> None:
+    """The packed batch inputs: each structure's edge vectors exactly as MACE.forward computes them for it alone
+    (positions[receiver] - positions[sender] + unit_shifts @ cell), its edges renumbered to its place in the batch;
+    batches take the structures in order of their largest neighbour count."""
+    net = __import__("mace_ase").load_model(EMT_DEMO, device="cpu")
+    species_of_z = np.full(119, -1, dtype=np.int64)
+    known = net.atomic_numbers.numpy()
+    species_of_z[known] = np.arange(len(known))
+    graphs = batch._graphs(structures, net, species_of_z, known)
+    plan = batch._plan_batches(graphs, 3, 10**9, None)
+    order = np.concatenate(plan)
+    assert sorted(order.tolist()) == list(range(len(structures)))
+    assert np.all(np.diff(graphs.lists.max_neighbours[order]) >= 0)
+    members = plan[1]
+    vectors, edge_index, species, node_counts, edge_counts = batch._batch_inputs(graphs, members, torch.device("cpu"),
+                                                                                 torch.float64)
+    first_node = first_edge = 0
+    for s, n_nodes, n_edges in zip(members, node_counts, edge_counts):
+        atoms = structures[s]
+        edges, shifts = neighbour_list(atoms.positions, atoms.cell.array, atoms.pbc, net.r_max_value)
+        positions = torch.as_tensor(atoms.positions)
+        edges_t = torch.as_tensor(edges)
+        expected = (positions[edges_t[1]] - positions[edges_t[0]]
+                    + torch.as_tensor(shifts, dtype=torch.float64) @ torch.as_tensor(atoms.cell.array))
+        rows = slice(first_edge, first_edge + n_edges)
+        assert n_nodes == len(atoms) and n_edges == edges.shape[1]
+        assert torch.equal(vectors[rows], expected)
+        assert torch.equal(edge_index[:, rows], edges_t + first_node)
+        assert species[first_node:first_node + n_nodes].tolist() == species_of_z[atoms.numbers].tolist()
+        first_node, first_edge = first_node + n_nodes, first_edge + n_edges
+    assert first_edge == vectors.shape[0] == edge_index.shape[1]

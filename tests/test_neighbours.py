@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from mace_ase.neighbours import _search_frame, neighbour_list
+from mace_ase.neighbours import _search_frame, neighbour_list, packed_neighbour_lists
 
 
 def edge_set(edge_index: np.ndarray, shifts: np.ndarray) -> set[tuple[int, int, int, int, int]]:
@@ -95,3 +95,26 @@ def test_search_box_is_perpendicular_to_the_periodic_vectors():
     assert abs(box[2] @ cell[0]) < 1e-9 and abs(box[2] @ cell[1]) < 1e-9
     heights = shifted @ (box[2] / np.linalg.norm(box[2]))
     assert heights.min() == pytest.approx(5.0) and heights.max() == pytest.approx(np.linalg.norm(box[2]) - 5.0)
+
+
+def test_packed_lists_are_the_per_structure_lists_one_after_another():
+    """packed_neighbour_lists: each structure's own edges, in its own order, renumbered by its first node; empty
+    structures, isolated atoms, clusters and slabs included."""
+    rng = np.random.default_rng(11)
+    structures = []
+    for pbc in [(True, True, True), (False, False, False), (True, True, False), (True, False, True)]:
+        cell = random_cell(rng)
+        structures.append((rng.uniform(0, 1, (int(rng.integers(2, 14)), 3)) @ cell, cell, np.array(pbc)))
+    structures.insert(1, (np.zeros((0, 3)), np.eye(3) * 5.0, np.array([True] * 3)))  # no atoms
+    structures.append((np.zeros((1, 3)), np.eye(3) * 20.0, np.array([True] * 3)))  # one atom, no neighbours
+    cutoff = 4.7
+    packed = packed_neighbour_lists(structures, cutoff)
+    assert packed.node_offsets.tolist() == np.cumsum([0] + [len(p) for p, _, _ in structures]).tolist()
+    for s, (positions, cell, pbc) in enumerate(structures):
+        edges, shifts = neighbour_list(positions, cell, pbc, cutoff)
+        rows = slice(packed.edge_offsets[s], packed.edge_offsets[s + 1])
+        np.testing.assert_array_equal(packed.edge_index[:, rows], edges + packed.node_offsets[s])
+        np.testing.assert_array_equal(packed.unit_shifts[rows], shifts)
+        counts = np.bincount(edges[1], minlength=len(positions))
+        assert packed.max_neighbours[s] == (counts.max() if len(positions) else 0)
+    assert packed.edge_index.dtype == packed.unit_shifts.dtype == np.int64
