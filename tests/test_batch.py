@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 
 from conftest import fixture_model
-from mace_ase import MACECalculator, batch, evaluate
+from mace_ase import MACECalculator, batch, evaluate, load_model
 from mace_ase.batch import bytes_per_padded_edge
 from mace_ase.neighbours import neighbour_list
 
@@ -83,7 +83,7 @@ def test_identical_to_one_calculator_call_each(structures, references, batch_siz
 
 
 def test_memory_budget_splits_batches_without_changing_results(structures, references) -> None:
-    model_bytes = bytes_per_padded_edge(__import__("mace_ase").load_model(EMT_DEMO, device="cpu"))
+    model_bytes = bytes_per_padded_edge(load_model(EMT_DEMO, device="cpu"))
     # a budget for about 2 structures of 4-16 atoms with ~80 neighbours each
     results = evaluate(structures, model=EMT_DEMO, device="cpu", memory_budget=30 * 80 * model_bytes)
     assert results.n_batches > 1
@@ -133,7 +133,7 @@ def test_batch_vectors_are_bitwise_those_of_one_call_each(structures) -> None:
     """The packed batch inputs: each structure's edge vectors exactly as MACE.forward computes them for it alone
     (positions[receiver] - positions[sender] + unit_shifts @ cell), its edges renumbered to its place in the batch;
     batches take the structures in order of their largest neighbour count."""
-    net = __import__("mace_ase").load_model(EMT_DEMO, device="cpu")
+    net = load_model(EMT_DEMO, device="cpu")
     species_of_z = np.full(119, -1, dtype=np.int64)
     known = net.atomic_numbers.numpy()
     species_of_z[known] = np.arange(len(known))
