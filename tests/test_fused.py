@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,15 +39,18 @@ def _both(model, *args):
     return fast, reference
 
 
-def test_kernel_load_survives_an_interrupted_build() -> None:
+def test_kernel_load_survives_an_interrupted_build(tmp_path) -> None:
     """A build killed midway (Ctrl-C at the first call) leaves torch's ``lock`` file; the next process must not wait
     for it forever: it loads the kernel and removes the leftover."""
     assert fused.load_kernel()[0] is not None  # built (or loaded) here first
     leftover = fused.kernel_directory() / "lock"
     leftover.touch()
     script = "from mace_ase.model import fused; module, reason = fused.load_kernel(); assert module is not None, reason"
+    # the child imports this very copy of the package (the kernel folder is per checkout): not one found from its
+    # working directory
+    env = {**os.environ, "PYTHONPATH": str(Path(fused.__file__).resolve().parents[2])}
     try:
-        subprocess.run([sys.executable, "-c", script], check=True, timeout=240)
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=240, cwd=tmp_path, env=env)
     finally:
         stale = leftover.exists()
         leftover.unlink(missing_ok=True)
