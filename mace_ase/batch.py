@@ -268,20 +268,19 @@ def _batch_inputs(graphs: _Graphs, members: np.ndarray, device: torch.device, dt
     lists = graphs.lists
     nodes, edges = _ranges(lists.node_offsets, members), _ranges(lists.edge_offsets, members)
     node_counts, edge_counts = graphs.node_counts()[members], graphs.edge_counts()[members]
+    nodes_t, edges_t = torch.from_numpy(nodes), torch.from_numpy(edges)
     # packed node numbers -> batch node numbers: each member's nodes move to where its run begins in the batch
     renumber = np.repeat(np.cumsum(node_counts) - node_counts - lists.node_offsets[members], edge_counts)
-    edge_index = torch.as_tensor(lists.edge_index[:, edges] + renumber, device=device)
-    positions = torch.as_tensor(graphs.positions[nodes], device=device, dtype=dtype)
+    edge_index = (torch.from_numpy(lists.edge_index).index_select(1, edges_t) + torch.from_numpy(renumber)).to(device)
+    positions = torch.from_numpy(graphs.positions).index_select(0, nodes_t).to(device=device, dtype=dtype)
     # The same expression as MACE.forward, so that the vectors are bitwise those of one call each: the lattice
-    # translations are one small matmul per structure (its own tensors, as the calculator makes them), the rest
+    # translations are one small matmul per structure (rows of its own, as the calculator makes them), the rest
     # element-wise over the batch.
-    unit_shifts = lists.unit_shifts[edges]
-    bounds = np.cumsum(edge_counts) - edge_counts
-    shift_vectors = [torch.as_tensor(unit_shifts[b:b + count], device=device, dtype=dtype)
-                     @ torch.as_tensor(graphs.cells[s], device=device, dtype=dtype)
-                     for s, b, count in zip(members, bounds, edge_counts)]
+    unit_shifts = torch.from_numpy(lists.unit_shifts).index_select(0, edges_t).to(device=device, dtype=dtype)
+    cells = torch.from_numpy(graphs.cells[members]).to(device=device, dtype=dtype)
+    shift_vectors = [shifts @ cell for shifts, cell in zip(unit_shifts.split(edge_counts.tolist()), cells)]
     vectors = positions[edge_index[1]] - positions[edge_index[0]] + torch.cat(shift_vectors)
-    species = torch.as_tensor(graphs.species[nodes], device=device)
+    species = torch.from_numpy(graphs.species).index_select(0, nodes_t).to(device)
     return vectors, edge_index, species, node_counts.tolist(), edge_counts.tolist()
 
 

@@ -118,3 +118,101 @@ def test_packed_lists_are_the_per_structure_lists_one_after_another():
         counts = np.bincount(edges[1], minlength=len(positions))
         assert packed.max_neighbours[s] == (counts.max() if len(positions) else 0)
     assert packed.edge_index.dtype == packed.unit_shifts.dtype == np.int64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The direct search of small structures (compiled) against the linked-cell search: the same arrays, bit for bit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _both_searches(positions, cell, pbc, cutoff):
+    from mace_ase import neighbours
+
+    positions, cell, pbc = neighbours._as_arrays(positions, cell, pbc)
+    offsets = np.array([0, len(positions)])
+    reach = neighbours._direct_reaches(positions, offsets, cell[None], pbc[None], cutoff)
+    assert (reach >= 0).all(), "this structure should take the direct search"
+    direct = neighbours._direct_search(positions, offsets, cell[None], reach, cutoff)
+    return direct[:2], neighbours._linked_cell_search(positions, cell, pbc, cutoff)
+
+
+@pytest.mark.parametrize("pbc", list(itertools.product([False, True], repeat=3)), ids=str)
+def test_direct_search_is_the_linked_cell_search_bit_for_bit(pbc):
+    """Random triclinic cells smaller than the cutoff (many images), atoms up to a cell length outside the cell,
+    and cutoffs placed exactly on a pair's length and one float step either side of it: the pairs at the cutoff
+    are decided by the same arithmetic in both searches."""
+    rng = np.random.default_rng(sum(pbc) * 17 + 3)
+    checked = 0
+    for _ in range(12):
+        cell = random_cell(rng)
+        positions = rng.uniform(-1.0, 2.0, (int(rng.integers(1, 30)), 3)) @ cell
+        cutoffs = [float(rng.uniform(1.0, 8.0))]
+        if len(positions) > 1:
+            shift = np.array(pbc, dtype=float) @ cell
+            length = float(np.linalg.norm(positions[1] - positions[0] + shift))
+            cutoffs += [length, float(np.nextafter(length, 0.0)), float(np.nextafter(length, 20.0))]
+        for cutoff in cutoffs:
+            (edges, shifts), (edges_ref, shifts_ref) = _both_searches(positions, cell, pbc, cutoff)
+            np.testing.assert_array_equal(edges, edges_ref)
+            np.testing.assert_array_equal(shifts, shifts_ref)
+            assert edges.dtype == shifts.dtype == np.int64
+            checked += edges.shape[1]
+    assert checked > 1000
+
+
+def test_direct_search_edge_cases():
+    """No atoms, one atom alone and with its own images, two atoms on the same spot, a slab without a third vector."""
+    cases = [(np.zeros((0, 3)), np.eye(3) * 4.0, [True] * 3, 5.0),
+             (np.zeros((1, 3)), np.eye(3) * 20.0, [True] * 3, 5.0),
+             (np.zeros((1, 3)), np.eye(3) * 2.0, [True] * 3, 5.0),
+             (np.zeros((2, 3)), np.eye(3) * 3.0, [True, False, True], 4.0),
+             (np.random.default_rng(2).uniform(0, 3.5, (7, 3)), [[3.9, 0, 0], [1.2, 3.5, 0], [0, 0, 0]],
+              [True, True, False], 5.0)]
+    for positions, cell, pbc, cutoff in cases:
+        (edges, shifts), (edges_ref, shifts_ref) = _both_searches(positions, cell, pbc, cutoff)
+        np.testing.assert_array_equal(edges, edges_ref)
+        np.testing.assert_array_equal(shifts, shifts_ref)
+    (edges, _), _ = _both_searches(np.zeros((1, 3)), np.eye(3) * 2.0, [True] * 3, 5.0)
+    # the images of one atom closer than 5 Å in a 2 Å cube: the 81 integer vectors with t.t <= 6, less t = 0
+    assert edges.shape[1] == 80
+
+
+def test_neighbour_list_searches_small_structures_directly_and_large_ones_with_linked_cells(monkeypatch):
+    from mace_ase import neighbours
+
+    calls = []
+    linked = neighbours._linked_cell_search
+    monkeypatch.setattr(neighbours, "_linked_cell_search", lambda *a: calls.append(len(a[0])) or linked(*a))
+    small = Atoms("Cu4", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+                  cell=np.eye(3) * 3.61, pbc=True).repeat((2, 2, 2))
+    large = small.repeat((4, 4, 4))  # 2,048 atoms: past DIRECT_SEARCH_TESTS
+    neighbour_list(small.positions, small.cell.array, small.pbc, 5.5)
+    assert calls == []
+    reference, _ = neighbour_list(large.positions, large.cell.array, large.pbc, 5.5)
+    assert calls == [len(large)]
+    # a mixed pack: each structure takes its own search, and the packed result is the per-structure lists
+    packed = packed_neighbour_lists([(a.positions, a.cell.array, a.pbc) for a in (small, large, small)], 5.5)
+    assert calls == [len(large), len(large)]
+    rows = slice(packed.edge_offsets[1], packed.edge_offsets[2])
+    np.testing.assert_array_equal(packed.edge_index[:, rows] - len(small), reference)
+    np.testing.assert_array_equal(packed.edge_index[:, packed.edge_offsets[2]:] - len(small) - len(large),
+                                  packed.edge_index[:, :packed.edge_offsets[1]])
+
+
+def test_without_the_compiled_kernel_every_structure_takes_the_linked_cell_search(monkeypatch):
+    from mace_ase import neighbours
+
+    rng = np.random.default_rng(5)
+    cell = random_cell(rng)
+    structures = [(rng.uniform(0, 1, (n, 3)) @ cell, cell, np.array([True, True, n % 2 == 0])) for n in (3, 8, 13)]
+    fast = [neighbour_list(*s, 4.5) for s in structures]
+    packed_fast = packed_neighbour_lists(structures, 4.5)
+    monkeypatch.setattr(neighbours, "_kernel", lambda: None)
+    monkeypatch.setattr(neighbours, "_direct_search", None)  # never called
+    for s, (edges, shifts) in zip(structures, fast):
+        edges_ref, shifts_ref = neighbour_list(*s, 4.5)
+        np.testing.assert_array_equal(edges, edges_ref)
+        np.testing.assert_array_equal(shifts, shifts_ref)
+    packed = packed_neighbour_lists(structures, 4.5)
+    np.testing.assert_array_equal(packed.edge_index, packed_fast.edge_index)
+    np.testing.assert_array_equal(packed.unit_shifts, packed_fast.unit_shifts)

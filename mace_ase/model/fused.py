@@ -41,9 +41,11 @@ and falls back, with one warning, if they disagree or the kernel cannot be built
 ``create_graph=True``) are supported: the backward pass then recomputes each chunk with the differentiable
 reference code.
 
-The kernel is compiled at first use with ``torch.utils.cpp_extension`` (needs g++ and ninja; ~30 s) into a
-per-user cache folder named by a hash of the source, torch version, compiler flags and CPU
-(``platformdirs.user_cache_dir("mace-ase")/kernels``, or ``$MACE_ASE_KERNEL_DIR``), created private to the user.
+The same compiled module holds the symmetric-contraction and spherical-harmonics kernels and the direct neighbour
+search of small structures (``kernels/neighbours.cpp``, used by :mod:`mace_ase.neighbours`). It is compiled at
+first use with ``torch.utils.cpp_extension`` (needs g++ and ninja; ~30 s) into a per-user cache folder named by a
+hash of the source, torch version, compiler flags and CPU (``platformdirs.user_cache_dir("mace-ase")/kernels``, or
+``$MACE_ASE_KERNEL_DIR``), created private to the user.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ KEEP_BYTES = 128 * 2**20  # radial-MLP graphs kept from the forward pass (last c
 PAIRED_TABLE_BYTES = 384 * 2**20
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [_KERNELS / name for name in ("convolution.cpp", "symmetric_contraction.cpp", "spherical_harmonics.cpp",
-                                         "module.cpp")]
+                                         "neighbours.cpp", "module.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: the sums must stay IEEE
 _warned = False
 

@@ -438,7 +438,7 @@ class Interaction(nn.Module):
     def senders(self, h_up: Tensor, radial_rows: Optional[List[Tensor]] = None) -> Tensor:
         """What :meth:`neighbour_sum` reads the sender features from: ``h_up`` itself, or on the fast path a handle
         through which the receiver blocks share ``h_up`` and accumulate its gradient (``radial_rows``: the layer's
-        rows of :meth:`MACE.tabulated_radial_rows`)."""
+        rows of :meth:`MACE.spline_rows` or :meth:`MACE.distinct_rows`)."""
         if self.fused and not torch.jit.is_scripting():
             return self.fused_senders(h_up, radial_rows)
         return h_up
@@ -448,7 +448,7 @@ class Interaction(nn.Module):
         """The convolution of ``n_receivers`` receivers, ``[n_receivers, D_out, C]`` (eq. 8, before the linear), from
         their edge rows (``sh``, ``edge_feats``, ``envelope``, ``sender``: padded ``[n_receivers*K]`` layout);
         ``senders`` from :meth:`senders`; ``radial_rows`` (eager, fused runs only) places each edge in tabulated
-        radial weights (:meth:`MACE.tabulated_radial_rows`)."""
+        radial weights (:meth:`MACE.spline_rows`, :meth:`MACE.distinct_rows`)."""
         if self.fused and not torch.jit.is_scripting():
             return self.fused_convolution(senders, n_receivers, sh, edge_feats, envelope, sender, radial_rows)
         return self.convolution(senders.index_select(0, sender), sh, edge_feats, envelope, n_receivers)
@@ -686,10 +686,17 @@ class MACE(nn.Module):
             sh = self.fused_spherical_harmonics(vectors, lengths)  # the same, by the CPU kernel (eager runs)
         else:
             sh = spherical_harmonics(vectors / lengths.clamp_min(1e-12), self.max_ell)  # [N*K, (max_ell+1)^2]
-        edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
         radial_rows: Optional[List[Tensor]] = None
         if not torch.jit.is_scripting():
-            radial_rows = self.tabulated_radial_rows(lengths, z_sender, z_receiver, envelope)
+            radial_rows = self.spline_rows(lengths, z_sender, z_receiver)
+        if radial_rows is not None and not self.density_normalised():
+            # the tables hold the radial weights: only the envelope (which edges are active) is still needed
+            envelope = polynomial_envelope(lengths, self.radial.r_max, self.radial.p)
+            edge_feats = lengths.new_zeros(lengths.shape[0], 0)
+        else:
+            edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
+        if radial_rows is None and not torch.jit.is_scripting():
+            radial_rows = self.distinct_rows(lengths, z_sender, z_receiver, envelope)
         one_block = vectors.is_cuda or not self.fused_blocks
         if not torch.jit.is_scripting():
             one_block = one_block or self.compiling()  # torch.export: shapes are symbolic, blocks would be guards
@@ -736,18 +743,30 @@ class MACE(nn.Module):
         return fused_spherical_harmonics(vectors, lengths, self.max_ell)
 
     @torch.jit.unused
-    def tabulated_radial_rows(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor
-                              ) -> Optional[List[Tensor]]:
-        """Each edge's row in tabulated radial weights, for the fused kernel: ``[u, interval]`` in the spline
-        tables (:mod:`mace_ase.model.radial_spline`), or, in the exact mode, among the distinct edges whose
-        radial MLP is evaluated once (:func:`mace_ase.model.fused.distinct_radial_rows`); None: per edge."""
+    def spline_rows(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor) -> Optional[List[Tensor]]:
+        """Each edge's ``[u, interval]`` in the spline tables of the radial weights, for the fused kernel
+        (:mod:`mace_ase.model.radial_spline`); None: this call evaluates the radial MLP (exact mode, ``"auto"`` off
+        the tables: Hessians or past the table budget)."""
         if self.use_radial_spline:
-            rows = self.radial_spline.rows(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
-            if rows is not None:  # None: this call evaluates the MLP (radial="auto", Hessians or table budget)
-                return rows
+            return self.radial_spline.rows(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
+        return None
+
+    @torch.jit.unused
+    def distinct_rows(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor
+                      ) -> Optional[List[Tensor]]:
+        """Each edge's row among the distinct edges whose radial MLP is evaluated once (exact mode, see
+        :func:`mace_ase.model.fused.distinct_radial_rows`); None: per edge."""
         from mace_ase.model.fused import distinct_radial_rows
 
         return distinct_radial_rows(self, lengths, z_sender, z_receiver, envelope)
+
+    def density_normalised(self) -> bool:
+        """Whether an interaction divides its messages by the learned neighbour density (which reads the radial
+        basis itself)."""
+        for interaction in self.interactions:
+            if interaction.use_density:
+                return True
+        return False
 
     def node_energies(self, vectors: Tensor, species: Tensor, sender: Tensor, head: int, species_counts: List[int]
                       ) -> Tensor:

@@ -32,6 +32,8 @@ torch::Tensor spherical_harmonics_forward(torch::Tensor v, torch::Tensor r, int6
 std::vector<torch::Tensor> spherical_harmonics_backward(torch::Tensor grad, torch::Tensor v, torch::Tensor r,
                                                         int64_t max_ell);
 void index_add_rows(torch::Tensor out, torch::Tensor index, torch::Tensor src);
+std::vector<torch::Tensor> direct_neighbour_search(torch::Tensor positions, torch::Tensor cells,
+                                                   torch::Tensor node_offsets, torch::Tensor reach, double cutoff);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convolution_forward", &convolution_forward, "fused MACE convolution, forward (CPU)");
@@ -43,4 +45,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spherical_harmonics_forward", &spherical_harmonics_forward, "Y_lm of edge directions, l <= 3 (CPU)");
   m.def("spherical_harmonics_backward", &spherical_harmonics_backward, "their backward pass: dL/dv, dL/dr");
   m.def("index_add_rows", &index_add_rows, "out[index[i]] += src[i], in place, parallel over output rows");
+  m.def("direct_neighbour_search", &direct_neighbour_search, "neighbour lists of small structures (CPU)");
 }
