@@ -93,6 +93,16 @@ def test_memory_budget_splits_batches_without_changing_results(structures, refer
         np.testing.assert_allclose(results.forces[s], ref["forces"], rtol=0, atol=1e-12)
 
 
+def test_gpu_batches_are_sized_from_the_free_gpu_memory(monkeypatch) -> None:
+    """On CUDA the default budget is half of what the GPU has free (asked each call), on the CPU a quarter of the
+    available RAM capped at 4 GiB: the sizing itself is the CPU-tested planner above."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (6 * 2**30, 80 * 2**30))
+    assert batch._memory_budget(torch.device("cuda:1")) == 3 * 2**30
+    assert asked == [torch.device("cuda:1")]
+    assert 0 < batch._memory_budget(torch.device("cpu")) <= 4 * 2**30
+
+
 def test_other_architecture_with_zbl_and_molecules() -> None:
     path = fixture_model("mp0b_agnesi_zbl")
     water, methane = molecule("H2O"), molecule("CH4")

@@ -239,6 +239,40 @@ def test_parallel_index_add_rows_is_torchs_index_add() -> None:
     assert torch.equal(out, before)
 
 
+def _monomials_by_torch(a, singles, pairs, triple_pair, triple_single):
+    """P [N, Q, C]: the symmetric contraction's monomials, singles | pairs | pair x single, as the kernel forms them."""
+    pair_values = a[:, pairs[0]] * a[:, pairs[1]]
+    return torch.cat([a[:, singles], pair_values, pair_values[:, triple_pair] * a[:, triple_single]], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels", [16, 80, 200])
+def test_symmetric_contraction_kernel_in_channel_blocks(channels: int, dtype: torch.dtype) -> None:
+    """The forward kernel runs per block of 256 bytes of channels (64 float32, 32 float64) plus a remainder: every
+    split gives B[i, m, c] = sum_q V[group_i, q, m, c] P[i, q, c], and the backward kernel its gradient."""
+    kernel = fused.load_kernel()[0]
+    generator = torch.Generator().manual_seed(channels)
+    n_nodes, dim, outputs = 37, 16, 3
+    singles = torch.randint(0, dim, (9,), generator=generator)
+    pairs = torch.randint(0, dim, (2, 23), generator=generator)
+    triple_pair = torch.randint(0, 23, (41,), generator=generator)
+    triple_single = torch.randint(0, dim, (41,), generator=generator)
+    tables = (singles, pairs, triple_pair, triple_single)
+    a = torch.randn(n_nodes, dim, channels, generator=generator, dtype=dtype)
+    folded = torch.randn(2, 9 + 23 + 41, outputs, channels, generator=generator, dtype=dtype)
+    group = (torch.arange(n_nodes) >= 20).long()  # two elements, nodes grouped as the model sorts them
+    x = a.clone().requires_grad_(True)
+    expected = torch.einsum("nqmc,nqc->nmc", folded[group], _monomials_by_torch(x, *tables))
+    grad_b = torch.randn(n_nodes, outputs, channels, generator=generator, dtype=dtype)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_b)
+    result = kernel.symmetric_contraction_forward(a, folded, group, *tables)
+    grad = kernel.symmetric_contraction_backward(grad_b, a, folded, group, *tables)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-4
+    expected = expected.detach()
+    assert torch.allclose(result, expected, rtol=0, atol=tolerance * float(expected.abs().max()))
+    assert torch.allclose(grad, expected_grad, rtol=0, atol=tolerance * float(expected_grad.abs().max()))
+
+
 @pytest.mark.parametrize("path", ["distinct", "chunks-64"])
 def test_second_derivatives_through_fused_path(path: str, monkeypatch) -> None:
     """Hessian-vector products (create_graph=True) go through the differentiable recomputation: from the MLP inputs,

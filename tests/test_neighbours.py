@@ -136,28 +136,34 @@ def _both_searches(positions, cell, pbc, cutoff):
     return direct[:2], neighbours._linked_cell_search(positions, cell, pbc, cutoff)
 
 
-@pytest.mark.parametrize("pbc", list(itertools.product([False, True], repeat=3)), ids=str)
-def test_direct_search_is_the_linked_cell_search_bit_for_bit(pbc):
-    """Random triclinic cells smaller than the cutoff (many images), atoms up to a cell length outside the cell,
-    and cutoffs placed exactly on a pair's length and one float step either side of it: the pairs at the cutoff
-    are decided by the same arithmetic in both searches."""
-    rng = np.random.default_rng(sum(pbc) * 17 + 3)
+def _agree_on_random_cells(search_pair, pbc, seed: int, structures: int, atoms: tuple[int, int],
+                           scales: tuple[float, ...]) -> int:
+    """Runs ``search_pair`` (two searches of one structure) on random triclinic cells, atoms up to a cell length
+    outside the cell, and cutoffs placed exactly on a pair's length and one float step either side of it; asserts
+    that both give the same arrays and returns how many pairs were compared."""
+    rng = np.random.default_rng(seed)
     checked = 0
-    for _ in range(12):
-        cell = random_cell(rng)
-        positions = rng.uniform(-1.0, 2.0, (int(rng.integers(1, 30)), 3)) @ cell
+    for _ in range(structures):
+        cell = random_cell(rng) * rng.choice(scales)
+        positions = rng.uniform(-1.0, 2.0, (int(rng.integers(*atoms)), 3)) @ cell
         cutoffs = [float(rng.uniform(1.0, 8.0))]
         if len(positions) > 1:
-            shift = np.array(pbc, dtype=float) @ cell
-            length = float(np.linalg.norm(positions[1] - positions[0] + shift))
+            length = float(np.linalg.norm(positions[1] - positions[0] + np.array(pbc, dtype=float) @ cell))
             cutoffs += [length, float(np.nextafter(length, 0.0)), float(np.nextafter(length, 20.0))]
         for cutoff in cutoffs:
-            (edges, shifts), (edges_ref, shifts_ref) = _both_searches(positions, cell, pbc, cutoff)
+            (edges, shifts), (edges_ref, shifts_ref) = search_pair(positions, cell, pbc, cutoff)
             np.testing.assert_array_equal(edges, edges_ref)
             np.testing.assert_array_equal(shifts, shifts_ref)
             assert edges.dtype == shifts.dtype == np.int64
             checked += edges.shape[1]
-    assert checked > 1000
+    return checked
+
+
+@pytest.mark.parametrize("pbc", list(itertools.product([False, True], repeat=3)), ids=str)
+def test_direct_search_is_the_linked_cell_search_bit_for_bit(pbc):
+    """Cells smaller than the cutoff (many images): the pairs at the cutoff are decided by the same arithmetic in
+    both searches."""
+    assert _agree_on_random_cells(_both_searches, pbc, sum(pbc) * 17 + 3, 12, (1, 30), (1.0,)) > 1000
 
 
 def test_direct_search_edge_cases():
@@ -175,6 +181,41 @@ def test_direct_search_edge_cases():
     (edges, _), _ = _both_searches(np.zeros((1, 3)), np.eye(3) * 2.0, [True] * 3, 5.0)
     # the images of one atom closer than 5 Å in a 2 Å cube: the 81 integer vectors with t.t <= 6, less t = 0
     assert edges.shape[1] == 80
+
+
+def _compiled_and_matscipy(positions, cell, pbc, cutoff):
+    from mace_ase import neighbours
+
+    positions, cell, pbc = neighbours._as_arrays(positions, cell, pbc)
+    frame = neighbours._search_frame(positions, cell, pbc, cutoff)
+    return (neighbours._linked_cell_search(positions, cell, pbc, cutoff),
+            neighbours._matscipy_search(positions, cell, pbc, cutoff, *frame))
+
+
+@pytest.mark.parametrize("pbc", list(itertools.product([False, True], repeat=3)), ids=str)
+def test_compiled_linked_cells_are_matscipy_bit_for_bit(pbc):
+    """The compiled linked-cell search (kernels/neighbours.cpp) against matscipy's search plus our exact filter and
+    sort, on cells smaller and larger than the cutoff."""
+    assert _agree_on_random_cells(_compiled_and_matscipy, pbc, sum(pbc) * 29 + 5, 10, (0, 120), (1.0, 3.0)) > 10000
+
+
+def test_compiled_linked_cells_on_crystals_slabs_and_molecules():
+    """Many bins: a 1,000-atom crystal, a slab with vacuum, a molecule far from the origin, no atoms at all."""
+    from ase.build import bulk, fcc111
+
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True).repeat((5, 5, 5))
+    crystal.rattle(0.05, seed=0)
+    slab = fcc111("Cu", (6, 6, 4), vacuum=8.0)
+    slab.rattle(0.05, seed=1)
+    far = molecule("C60")
+    far.positions += 1.0e4
+    cases = [(crystal.positions, crystal.cell.array, crystal.pbc, 6.0), (slab.positions, slab.cell.array, slab.pbc, 5.5),
+             (far.positions, np.zeros((3, 3)), far.pbc, 5.0), (np.zeros((0, 3)), np.eye(3) * 9.0, [True] * 3, 4.0)]
+    for positions, cell, pbc, cutoff in cases:
+        (edges, shifts), (edges_ref, shifts_ref) = _compiled_and_matscipy(positions, cell, pbc, cutoff)
+        np.testing.assert_array_equal(edges, edges_ref)
+        np.testing.assert_array_equal(shifts, shifts_ref)
+    assert _compiled_and_matscipy(*cases[0])[0][0].shape[1] > 40_000  # Si at r_max 6 Å: ~45 neighbours each
 
 
 def test_neighbour_list_searches_small_structures_directly_and_large_ones_with_linked_cells(monkeypatch):

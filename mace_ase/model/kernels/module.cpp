@@ -34,6 +34,9 @@ std::vector<torch::Tensor> spherical_harmonics_backward(torch::Tensor grad, torc
 void index_add_rows(torch::Tensor out, torch::Tensor index, torch::Tensor src);
 std::vector<torch::Tensor> direct_neighbour_search(torch::Tensor positions, torch::Tensor cells,
                                                    torch::Tensor node_offsets, torch::Tensor reach, double cutoff);
+std::vector<torch::Tensor> cell_neighbour_search(torch::Tensor positions, torch::Tensor cell, torch::Tensor frame,
+                                                 torch::Tensor inverse, torch::Tensor pbc, double cutoff,
+                                                 double margin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convolution_forward", &convolution_forward, "fused MACE convolution, forward (CPU)");
@@ -46,4 +49,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spherical_harmonics_backward", &spherical_harmonics_backward, "their backward pass: dL/dv, dL/dr");
   m.def("index_add_rows", &index_add_rows, "out[index[i]] += src[i], in place, parallel over output rows");
   m.def("direct_neighbour_search", &direct_neighbour_search, "neighbour lists of small structures (CPU)");
+  m.def("cell_neighbour_search", &cell_neighbour_search, "neighbour list of one structure by linked cells (CPU)");
 }

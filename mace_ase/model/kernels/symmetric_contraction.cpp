@@ -18,29 +18,31 @@ struct Monomials {
   const int64_t* triple_pair; const int64_t* triple_single; int64_t n3;
 };
 
-template <typename scalar_t>
-inline void make_monomials(const Monomials& t, const scalar_t* a, scalar_t* p, int64_t C) {
+// The monomials of one node for the channel block [c0, c0 + W) (W = CB, or `width` when CB == 0), in p [Q, W].
+template <typename scalar_t, int CB>
+inline void make_monomials(const Monomials& t, const scalar_t* a, scalar_t* p, int64_t C, int64_t width) {
+  const int64_t W = CB > 0 ? CB : width;
   for (int64_t q = 0; q < t.n1; ++q) {
     const scalar_t* x = a + t.singles[q] * C;
-    scalar_t* o = p + q * C;
+    scalar_t* o = p + q * W;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] = x[c];
+    for (int64_t c = 0; c < W; ++c) o[c] = x[c];
   }
-  scalar_t* pairs = p + t.n1 * C;
+  scalar_t* pairs = p + t.n1 * W;
   for (int64_t q = 0; q < t.n2; ++q) {
     const scalar_t* x = a + t.pair_a[q] * C;
     const scalar_t* y = a + t.pair_b[q] * C;
-    scalar_t* o = pairs + q * C;
+    scalar_t* o = pairs + q * W;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] = x[c] * y[c];
+    for (int64_t c = 0; c < W; ++c) o[c] = x[c] * y[c];
   }
-  scalar_t* triples = pairs + t.n2 * C;
+  scalar_t* triples = pairs + t.n2 * W;
   for (int64_t q = 0; q < t.n3; ++q) {
-    const scalar_t* x = pairs + t.triple_pair[q] * C;
+    const scalar_t* x = pairs + t.triple_pair[q] * W;
     const scalar_t* y = a + t.triple_single[q] * C;
-    scalar_t* o = triples + q * C;
+    scalar_t* o = triples + q * W;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] = x[c] * y[c];
+    for (int64_t c = 0; c < W; ++c) o[c] = x[c] * y[c];
   }
 }
 
@@ -55,6 +57,40 @@ Monomials tables(const torch::Tensor& singles, const torch::Tensor& pairs, const
           triple_pair.data_ptr<int64_t>(), triple_single.data_ptr<int64_t>(), triple_pair.numel()};
 }
 
+// Forward loop order: channel block (kBlockBytes of channels) > node > output row m > monomial q. The folded weights
+// V[z] of one channel block (Q x M x block: 310 kB for MP-0 medium's 1o output, float32 or float64) then stay in L2
+// for all the nodes of that element, instead of the whole V[z] (620 kB in float32) coming again from L3 for every
+// node, and each output row's accumulator stays in registers. Each output is the same sum over q in the same order
+// whatever the blocking (bitwise the unblocked kernel's). Measured on a Zen 3 VM (MPA-0 medium, 512 nodes): best
+// times equal, median 18.2 -> 12.8 ms under the L3 contention of a shared host.
+constexpr int64_t kBlockBytes = 256;  // 64 float32 or 32 float64 channels
+
+template <typename scalar_t, int CB>
+void forward_block(const Monomials& t, const scalar_t* a_ptr, const scalar_t* v_ptr, const int64_t* g_ptr,
+                   scalar_t* b_ptr, int64_t begin, int64_t end, int64_t c0, int64_t width, int64_t D, int64_t C,
+                   int64_t Q, int64_t M, scalar_t* p, scalar_t* acc) {
+  const int64_t W = CB > 0 ? CB : width;
+  for (int64_t i = begin; i < end; ++i) {
+    make_monomials<scalar_t, CB>(t, a_ptr + i * D * C + c0, p, C, W);
+    const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C + c0;
+    scalar_t* b = b_ptr + i * M * C + c0;
+    for (int64_t m = 0; m < M; ++m) {  // one output row at a time: its accumulator stays in registers
+      scalar_t sum[CB > 0 ? CB : 1];
+      scalar_t* bm = CB > 0 ? sum : acc;
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) bm[c] = 0;
+      for (int64_t q = 0; q < Q; ++q) {
+        const scalar_t* pq = p + q * W;
+        const scalar_t* vq = v + (q * M + m) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < W; ++c) bm[c] += vq[c] * pq[c];
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) b[m * C + c] = bm[c];
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const Monomials& t, const torch::Tensor& A, const torch::Tensor& V,
                     const torch::Tensor& group, torch::Tensor& B, int64_t N, int64_t D, int64_t C, int64_t Q,
@@ -63,25 +99,24 @@ void forward_kernel(const Monomials& t, const torch::Tensor& A, const torch::Ten
   const scalar_t* v_ptr = V.data_ptr<scalar_t>();
   const int64_t* g_ptr = group.data_ptr<int64_t>();
   scalar_t* b_ptr = B.data_ptr<scalar_t>();
+  constexpr int64_t CB = kBlockBytes / sizeof(scalar_t);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p(Q * C);
-    for (int64_t i = begin; i < end; ++i) {
-      make_monomials<scalar_t>(t, a_ptr + i * D * C, p.data(), C);
-      const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C;
-      scalar_t* b = b_ptr + i * M * C;
-      for (int64_t k = 0; k < M * C; ++k) b[k] = 0;
-      for (int64_t q = 0; q < Q; ++q) {
-        const scalar_t* pq = p.data() + q * C;
-        for (int64_t m = 0; m < M; ++m) {
-          const scalar_t* vq = v + (q * M + m) * C;
-          scalar_t* bm = b + m * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) bm[c] += vq[c] * pq[c];
-        }
+    std::vector<scalar_t> p(Q * CB), acc(M * CB);
+    for (int64_t c0 = 0; c0 < C; c0 += CB) {
+      if (c0 + CB <= C) {
+        forward_block<scalar_t, CB>(t, a_ptr, v_ptr, g_ptr, b_ptr, begin, end, c0, CB, D, C, Q, M, p.data(),
+                                    acc.data());
+      } else {
+        forward_block<scalar_t, 0>(t, a_ptr, v_ptr, g_ptr, b_ptr, begin, end, c0, C - c0, D, C, Q, M, p.data(),
+                                   acc.data());
       }
     }
   });
 }
+
+// Backward, per node over all C channels: dL/dP[q] = sum_m V[q, m] dL/dB[m], then the chain rule through the
+// monomials. (Channel blocks as in the forward pass were measured 1.3-1.7x slower here: the chain rule's many short
+// monomial rows then cost more loop overhead than V's traffic saves; and so was summing over m in registers.)
 
 template <typename scalar_t>
 void backward_kernel(const Monomials& t, const torch::Tensor& grad_B, const torch::Tensor& A,
@@ -96,7 +131,7 @@ void backward_kernel(const Monomials& t, const torch::Tensor& grad_B, const torc
     std::vector<scalar_t> p(Q * C), gp(Q * C);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* a = a_ptr + i * D * C;
-      make_monomials<scalar_t>(t, a, p.data(), C);
+      make_monomials<scalar_t, 0>(t, a, p.data(), C, C);
       const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C;
       const scalar_t* gb = gb_ptr + i * M * C;
       for (int64_t q = 0; q < Q; ++q) {
