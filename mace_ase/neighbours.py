@@ -190,9 +190,8 @@ def _linked_cell_search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray
     kernel = _kernel()
     if kernel is not None and np.isfinite(search_positions).all() and np.isfinite(search_cell).all():
         inverse = np.linalg.inv(search_cell)
-        # images of the box within the cutoff along each axis: bounded, as in _direct_reaches (a needle cell that
-        # passed the rank check would make the search visit millions of empty images)
-        if ((cutoff + _SEARCH_MARGIN) * np.linalg.norm(inverse, axis=0)).max() < 1e3:
+        # a needle cell that passed the rank check would make the search visit millions of empty images
+        if ((cutoff + _SEARCH_MARGIN) * np.linalg.norm(inverse, axis=0)).max() < _MAX_IMAGES:
             edge_index, unit_shifts = kernel.cell_neighbour_search(
                 torch.from_numpy(positions), torch.from_numpy(np.ascontiguousarray(cell)),
                 torch.from_numpy(np.ascontiguousarray(search_positions)), torch.from_numpy(inverse),
@@ -218,6 +217,8 @@ def _matscipy_search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, c
 # filter and sort for 8-64-atom cells, 1.2-3.3x for 144 atoms (2.6e6 tests), and the two cost about the same at
 # 6e6 tests (216 atoms of Si, cutoff 5 Å); non-periodic clusters of 300-900 atoms: 2.5-5x.
 DIRECT_SEARCH_TESTS = 2**22
+# Cell images within the cutoff along one axis past which the compiled searches leave a structure to matscipy
+_MAX_IMAGES = 1e3
 
 
 def _direct_reaches(positions: np.ndarray, node_offsets: np.ndarray, cells: np.ndarray, pbcs: np.ndarray,
@@ -255,7 +256,7 @@ def _direct_reaches(positions: np.ndarray, node_offsets: np.ndarray, cells: np.n
     with np.errstate(invalid="ignore"):
         bound = (cutoff + _SEARCH_MARGIN) * np.linalg.norm(inverses, axis=1) + span + 1e-9
         bound = np.where(pbcs, bound, 0.0)
-        usable = finite & np.isfinite(bound).all(axis=1) & (bound.max(axis=1) < 1e3)
+        usable = finite & np.isfinite(bound).all(axis=1) & (bound.max(axis=1) < _MAX_IMAGES)
     reach = np.where(usable[:, None], np.ceil(np.where(usable[:, None], bound, 0.0)), 0).astype(np.int64)
     tests = counts.astype(np.float64) ** 2 * np.prod(2 * reach + 1, axis=1)
     usable &= tests <= DIRECT_SEARCH_TESTS

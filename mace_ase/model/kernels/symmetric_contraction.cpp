@@ -101,7 +101,7 @@ void forward_kernel(const Monomials& t, const torch::Tensor& A, const torch::Ten
   scalar_t* b_ptr = B.data_ptr<scalar_t>();
   constexpr int64_t CB = kBlockBytes / sizeof(scalar_t);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p(Q * CB), acc(M * CB);
+    std::vector<scalar_t> p(Q * CB), acc(CB);  // acc: the remainder block's output row
     for (int64_t c0 = 0; c0 < C; c0 += CB) {
       if (c0 + CB <= C) {
         forward_block<scalar_t, CB>(t, a_ptr, v_ptr, g_ptr, b_ptr, begin, end, c0, CB, D, C, Q, M, p.data(),
