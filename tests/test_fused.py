@@ -404,3 +404,72 @@ def test_torchscript_export_uses_reference(tmp_path) -> None:
     expected = model.energy_and_edge_gradients(*args)[0]
     got = scripted.graph_energies(args[0], args[1], args[2], 0)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mp0a_medium", "mpa0_density", "off_like"])
+def test_component_linears_are_the_reference_linears(name: str) -> None:
+    """The copy-free per-node linears of the fast path (fused.component_linear): the reference's values, and
+    gradients in x and the row divisor (first and second derivatives, as a Hessian needs) by finite differences."""
+    model = load_model(fixture_model(name), device="cpu", dtype="float64", fused=False)
+    generator = torch.Generator().manual_seed(5)
+    species_counts = [3, 0, 2][: int(model.atomic_numbers.shape[0])] or [5]
+    n_nodes = sum(species_counts)
+    checked_slots = 0
+    for interaction in model.interactions:
+        for linear in (interaction.linear_up, interaction.linear):
+            x = torch.randn(n_nodes, int(linear.gather.shape[0]), linear.weights[0].shape[0] // (
+                linear.gather_lengths[0] // linear.out_dims[0]), generator=generator, dtype=torch.float64)
+            divisor = 1.0 + torch.rand(n_nodes, generator=generator, dtype=torch.float64)
+            checked_slots += max(length // dim for length, dim in zip(linear.gather_lengths, linear.out_dims))
+            for divide in (None, divisor, divisor[:1]):
+                expected = linear(x, divide)
+                linear.fused = True
+                try:
+                    assert torch.allclose(linear(x, divide), expected, rtol=0, atol=1e-13)
+                    x_grad = x[:2].clone().requires_grad_(True)  # finite differences on a few rows: fast enough
+                    if divide is None:
+                        assert torch.autograd.gradgradcheck(lambda v: linear(v), (x_grad,))
+                    else:
+                        d_grad = divide[: min(2, divide.shape[0])].clone().requires_grad_(True)
+                        assert torch.autograd.gradgradcheck(lambda v, d: linear(v, d), (x_grad, d_grad))
+                finally:
+                    linear.fused = False
+        skip = interaction.skip
+        # one input component more than any slot reads: its gradient must be zero, not garbage
+        components = max((start + dim for start, dim, path in skip.out_slots if path >= 0), default=0) + 1
+        x = torch.randn(n_nodes, components, skip.weight.shape[2], generator=generator, dtype=torch.float64)
+        expected = skip(x, species_counts)
+        skip.fused = True
+        try:
+            assert torch.allclose(skip(x, species_counts), expected, rtol=0, atol=1e-13)
+            small = [1, 0, 1][: len(species_counts)] if len(species_counts) > 1 else [2]
+            x_grad = x[: sum(small)].clone().requires_grad_(True)
+            assert torch.autograd.gradgradcheck(lambda v: skip(v, small), (x_grad,))
+        finally:
+            skip.fused = False
+    assert checked_slots > len(model.interactions)  # some output irrep sums several input slots
+
+
+@pytest.mark.parametrize("radial", ["spline", "exact"])
+def test_backward_work_buffers_are_reused_and_first_layer_senders_skipped(radial: str, monkeypatch) -> None:
+    """The backward kernels' scratch buffers live from call to call (fused._Workspace): a call after them holding
+    NaN from an earlier one gives the same bits. The first layer's sender features depend on the species alone: no
+    dL/dx is computed for them (an empty buffer), the second layer's is."""
+    if fused.load_kernel()[0] is None:
+        pytest.skip("no C++ compiler: the backward kernels are not built")
+    model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", fused=False, radial=radial)
+    fused._set(model, True, True)
+    args = _graph(model)
+    first = model.energy_and_edge_gradients(*args)
+    assert fused._workspace.buffers
+    for buffer in fused._workspace.buffers.values():
+        buffer.fill_(float("nan"))
+    taken = []
+    take = fused._workspace.take
+    monkeypatch.setattr(fused._workspace, "take", lambda name, shape, like: taken.append((name, shape)) or
+                        take(name, shape, like))
+    second = model.energy_and_edge_gradients(*args)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    sender_buffers = [shape for name, shape in taken if name == "grad_x"]
+    assert sender_buffers[-1] == (0,)  # the last backward pass is the first layer's
+    assert all(shape != (0,) for shape in sender_buffers[:-1]) and len(sender_buffers) == len(model.interactions)

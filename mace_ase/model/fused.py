@@ -541,6 +541,34 @@ class _FusedConvolution(torch.autograd.Function):
         return (None, token_grad, None, None, *grads, None, None, None, None, grad_u)
 
 
+class _Workspace(threading.local):
+    """Scratch buffers of the backward kernels, kept from one call to the next (one set per thread).
+
+    A buffer of megabytes allocated afresh per call comes from ``mmap`` and is returned on free (glibc's trim
+    threshold), so every call paid a page fault per 4 kB on first touch, inside the parallel kernels where the
+    faults serialise on the kernel's memory-map lock: measured 8,600 faults (18 ms of system time) per 512-atom call,
+    three quarters of them here. The buffers are bounded by the chunk sizes (:data:`CHUNK_EDGES_SPLINE` rows: about
+    17 MB in float32 for MPA-0 medium), not by the system size.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+    def take(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised ``[*shape]`` tensor of ``like``'s dtype and device (its contents are garbage)."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        key = (name, like.dtype, like.device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+
+_workspace = _Workspace()
+
+
 def _table_backward(ctx, grad_out, need_h, sh, sender, active, table, interval, u):
     """Per chunk of CHUNK_EDGES_SPLINE edge rows (no weights per chunk, so large ones): the kernel's dL/du,
     dL/dY and per-edge dL/dx (added onto the senders)."""
@@ -553,8 +581,9 @@ def _table_backward(ctx, grad_out, need_h, sh, sender, active, table, interval, 
     grad_u = torch.empty_like(u) if need_u else None
     chunks = _chunks(ctx.n_receivers, neighbours, h_up.device, CHUNK_EDGES_SPLINE)
     largest = max((stop - start) * neighbours for start, stop in chunks)
-    buffer_y = h_up.new_empty(largest, sh.shape[1])  # work buffers reused by every chunk
-    buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
+    buffer_y = _workspace.take("grad_y", (largest, sh.shape[1]), h_up)  # reused by every chunk and call
+    # no dL/dx where no gradient reaches h_up (the first layer's features are functions of the species alone)
+    buffer_x = _workspace.take("grad_x", (largest, h_up.shape[1], channels) if need_h else (0,), h_up)
     for start, stop in reversed(chunks):
         rows = slice(start * neighbours, stop * neighbours)
         grad_u_rows, grad_y, grad_x = kernel.spline_convolution_backward(
@@ -584,10 +613,10 @@ def _kernel_backward(ctx, grad_out, need_h, sh, radial_x, radial_y, sender, acti
     chunks = _chunks(ctx.n_receivers, neighbours, h_up.device)
     largest = max((stop - start) * neighbours for start, stop in chunks)
     n_paths = interaction.radial_mlp.weights[-1].shape[1] // channels
-    # work buffers reused by every chunk (the kernel initialises the rows it writes)
-    buffer_w = h_up.new_empty(largest, n_paths, channels)
-    buffer_y = h_up.new_empty(largest, sh.shape[1])
-    buffer_x = h_up.new_empty(largest, h_up.shape[1], channels)
+    # work buffers reused by every chunk and call (the kernel initialises the rows it writes)
+    buffer_w = _workspace.take("grad_w", (largest, n_paths, channels), h_up)
+    buffer_y = _workspace.take("grad_y", (largest, sh.shape[1]), h_up)
+    buffer_x = _workspace.take("grad_x", (largest, h_up.shape[1], channels) if need_h else (0,), h_up)
     for index in reversed(range(len(chunks))):
         start, stop = chunks[index]
         rows = slice(start * neighbours, stop * neighbours)
@@ -770,6 +799,89 @@ def fused_symmetric_contractions(product: Any, a: Tensor, species_counts: List[i
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Per-node linears without copies (any device: plain torch ops)
+# ---------------------------------------------------------------------------------------------------------------
+# The reference linears (mace.py: EquivariantLinear, SpeciesLinear) gather each irrep's components of [N, D, C]
+# features into a contiguous [N*(2l+1), C] matrix (a copy), multiply, and concatenate the outputs (a copy); autograd
+# adds the copies' backward passes (zero-filled slice gradients, concatenations). Here every term is one batched
+# matrix product over the irrep's 2l+1 components, read from and written into strided views of the [N, D, C]
+# tensors (``bmm`` takes a row stride): no copy in either direction. Per 512-atom MPA-0 call these copies and the
+# density normalisation's autograd ops (divisions, negations, products and sums over [N, 16, C]) were ~15 % of the
+# time.
+
+
+def _run_terms(x: Tensor, terms: List["Term"], out_components: int, channels_out: int, transpose: bool) -> Tensor:
+    """``out[r0:r0+n, o:o+d, :] (+)= x[r0:r0+n, i:i+d, :] @ W`` for each term ``(r0, n, i, o, d, W)`` (``W.T`` and
+    the roles of ``i`` and ``o`` swapped when ``transpose``: the backward pass); output rows that no term writes are
+    zero."""
+    out = x.new_empty(x.shape[0], out_components, channels_out)
+    written: dict = {}
+    for row, count, first_in, first_out, dim, weight in terms:
+        if transpose:
+            first_in, first_out, weight = first_out, first_in, weight.t()
+        source = x.narrow(0, row, count).narrow(1, first_in, dim).transpose(0, 1)  # [d, n, C_in], strided
+        target = out.narrow(0, row, count).narrow(1, first_out, dim).transpose(0, 1)
+        matrices = weight.expand(dim, weight.shape[0], weight.shape[1])
+        if (row, first_out) in written:
+            target.baddbmm_(source, matrices)
+        else:
+            torch.bmm(source, matrices, out=target)
+            written[(row, first_out)] = True
+    blocks = sorted({(row, count) for row, count, *_ in terms}) or [(0, x.shape[0])]
+    for row, count in blocks:
+        covered = [False] * out_components
+        for term_row, _, first_in, first_out, dim, _ in terms:
+            if term_row == row:
+                start = first_in if transpose else first_out
+                covered[start:start + dim] = [True] * dim
+        for component, done in enumerate(covered):
+            if not done:
+                out.narrow(0, row, count).select(1, component).zero_()
+    return out
+
+
+class _ComponentLinear(torch.autograd.Function):
+    """:func:`component_linear` (``transpose``: its adjoint); the weights are constants (no weight gradients). The
+    backward pass is the adjoint map applied by this same function, so a double backward (Hessians) works too."""
+
+    @staticmethod
+    def forward(ctx, x, terms, out_components, channels_out, transpose, divisor):  # noqa: D102
+        out = _run_terms(x, terms, out_components, channels_out, transpose)
+        if divisor is not None:
+            out.div_(divisor.view(-1, 1, 1))
+        ctx.terms, ctx.transpose, ctx.in_components, ctx.channels_in = terms, transpose, x.shape[1], x.shape[2]
+        ctx.save_for_backward(divisor, out if divisor is not None and ctx.needs_input_grad[5] else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        divisor, out = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_divisor = None
+        if ctx.needs_input_grad[0]:  # d(T(x) / n)/dx: the adjoint map T^T of the rows divided by n
+            scaled = grad if divisor is None else grad / divisor.view(-1, 1, 1)
+            grad_x = _ComponentLinear.apply(scaled, ctx.terms, ctx.in_components, ctx.channels_in, not ctx.transpose,
+                                            None)
+        if out is not None:  # d(u / n)/dn = -u / n^2 = -out / n: one dot product per row
+            rows = grad.shape[0]
+            dots = torch.linalg.vecdot(grad.view(rows, -1), out.view(rows, -1))  # (a bmm of [1, D*C] rows: 3x slower)
+            grad_divisor = (-dots / divisor.expand(rows)).sum_to_size(divisor.shape)
+        return grad_x, None, None, None, None, grad_divisor
+
+
+Term = Tuple[int, int, int, int, int, Tensor]  # (first row, rows, first input component, first output one, 2l+1, W)
+
+
+def component_linear(x: Tensor, terms: List[Term], out_components: int, channels_out: int,
+                     divisor: Optional[Tensor] = None) -> Tensor:
+    """``[N, out_components, channels_out]``: ``out[r0:r0+n, o:o+d, :] = sum x[r0:r0+n, i:i+d, :] @ W`` over the terms
+    ``(r0, n, i, o, d, W)`` that write it (zero where none does), divided row-wise by ``divisor`` (``[N]`` or
+    ``[1]``) when given; differentiable in ``x`` and ``divisor``. The reference linears' sums, without their
+    copies."""
+    return _ComponentLinear.apply(x.contiguous(), terms, out_components, channels_out, False, divisor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Switching it on (with a self-check)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -780,8 +892,11 @@ def _set(model: torch.nn.Module, fused: bool, kernel: bool) -> None:
             interaction.fused_tables = coupling_tables(interaction)
         interaction.fused = fused
         interaction.fused_kernel = kernel
+        for linear in (interaction.linear_up, interaction.linear, interaction.skip):
+            linear.fused = fused  # component_linear: plain torch, any device
     for product in model.products:
         product.fused = fused and kernel  # the contraction kernel is CPU-only; elsewhere the reference runs
+        product.linear.fused = fused
     model.fused_geometry = fused and kernel and model.max_ell <= 3  # the spherical-harmonics kernel, likewise
     model.fused_blocks = fused  # node blocks on the CPU (MACE.node_blocks): the fast path shares h_up between them
 

@@ -142,8 +142,12 @@ class EquivariantLinear(nn.Module):
         self.identity_gather = bool(torch.equal(self.gather, torch.arange(self.gather.shape[0])))
         self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
         self.out_dims = out_dims
+        self.fused = False  # set by mace_ase.model.fused._set: eager runs multiply in place, without the copies below
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, divisor: Optional[Tensor] = None) -> Tensor:
+        """``[N, D_out, C_out]``; divided row by row by ``divisor`` (``[N]`` or ``[1]``) when given."""
+        if self.fused and self.identity_gather and self.gather.shape[0] == x.shape[1] and not torch.jit.is_scripting():
+            return self.fused_forward(x, divisor)
         n = x.shape[0]
         channels_in = x.shape[2]
         outputs: List[Tensor] = []
@@ -162,7 +166,26 @@ class EquivariantLinear(nn.Module):
             selected = selected.view(n, slots, dim, channels_in)
             selected = selected.transpose(1, 2).reshape(n, dim, slots * channels_in)
             outputs.append(rows_matmul(selected, weight))
-        return torch.cat(outputs, dim=1)
+        out = torch.cat(outputs, dim=1)
+        return out if divisor is None else out / divisor.view(-1, 1, 1)
+
+    @torch.jit.unused
+    def fused_forward(self, x: Tensor, divisor: Optional[Tensor]) -> Tensor:
+        """The same maps as :meth:`forward` (identity gather), without its copies: see
+        :func:`mace_ase.model.fused.component_linear`."""
+        from mace_ase.model.fused import component_linear
+
+        terms = []
+        out_start = 0
+        for index, weight in enumerate(self.weights):
+            dim = self.out_dims[index]
+            slots = self.gather_lengths[index] // dim
+            rows = weight.shape[0] // slots  # input slot j multiplies rows j*C_in .. (j+1)*C_in of the stacked matrix
+            for j in range(slots):
+                terms.append((0, x.shape[0], self.gather_starts[index] + j * dim, out_start, dim,
+                              weight.narrow(0, j * rows, rows)))
+            out_start += dim
+        return component_linear(x, terms, out_start, self.weights[0].shape[1], divisor)
 
 
 class SpeciesLinear(nn.Module):
@@ -177,8 +200,11 @@ class SpeciesLinear(nn.Module):
         super().__init__()
         self.out_slots = out_slots  # per output slot: (input start component, 2l+1, path index or -1)
         self.weight = nn.Parameter(weight, requires_grad=False)  # [n_paths, n_elements, C_in, C_out]
+        self.fused = False  # set by mace_ase.model.fused._set: eager runs multiply in place, without the copies below
 
     def forward(self, x: Tensor, species_counts: List[int]) -> Tensor:
+        if self.fused and not torch.jit.is_scripting():
+            return self.fused_forward(x, species_counts)
         channels_out = self.weight.shape[3]
         pieces: List[Tensor] = []
         start = 0
@@ -195,6 +221,23 @@ class SpeciesLinear(nn.Module):
             pieces.append(torch.cat(slots, dim=1))
             start += count
         return torch.cat(pieces, dim=0)
+
+    @torch.jit.unused
+    def fused_forward(self, x: Tensor, species_counts: List[int]) -> Tensor:
+        """The same maps as :meth:`forward`, without its copies: see :func:`mace_ase.model.fused.component_linear`."""
+        from mace_ase.model.fused import component_linear
+
+        terms = []
+        start = 0
+        for element, count in enumerate(species_counts):
+            out_start = 0
+            for in_start, dim, path in self.out_slots:
+                if path >= 0 and count > 0:
+                    terms.append((start, count, in_start, out_start, dim, self.weight[path, element]))
+                out_start += dim
+            start += count
+        out_components = sum(dim for _, dim, _ in self.out_slots)
+        return component_linear(x, terms, out_components, self.weight.shape[3])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -459,15 +502,14 @@ class Interaction(nn.Module):
         ``convolved`` may be any contiguous run of receivers; ``edge_feats``/``envelope`` are then their edge rows.
         """
         n_nodes = convolved.shape[0]
-        message = self.linear(convolved)  # [N, D, C], D = (l_max + 1)^2 components of the hidden irreps
         if self.use_density:
             edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [N*K, 1]
             if not self.apply_cutoff:
                 edge_density = edge_density * envelope
-            density = edge_density.view(n_nodes, -1).sum(dim=1)
-            message = message / (density + 1.0).view(n_nodes, 1, 1)
+            norm = edge_density.view(n_nodes, -1).sum(dim=1) + 1.0
         else:
-            message = message / self.avg_num_neighbors
+            norm = torch.full((1,), self.avg_num_neighbors, dtype=convolved.dtype, device=convolved.device)
+        message = self.linear(convolved, norm)  # [N, D, C] / norm, D = (l_max + 1)^2 components of the hidden irreps
         if not self.residual:
             message = self.skip(message, species_counts)
         return message

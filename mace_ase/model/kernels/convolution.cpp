@@ -484,10 +484,12 @@ void backward_edge_block(const Coupling<scalar_t>& tab, const RadialSource<scala
       acc.add_scaled(G[j], gb);
       t.dot_into(gb, dot + j * Simd<scalar_t>::kLanes, first);
     }
-    scalar_t* gx = gx_e + tab.a[q] * C + c0;
-    B gx_q = B::load(gx);
-    gx_q.add_product(acc, w_q);
-    gx_q.store(gx);
+    if (gx_e != nullptr) {  // dL/dx (not wanted where the sender features are constants: the first layer)
+      scalar_t* gx = gx_e + tab.a[q] * C + c0;
+      B gx_q = B::load(gx);
+      gx_q.add_product(acc, w_q);
+      gx_q.store(gx);
+    }
     scalar_t* gwp = gw + tab.p[q] * gw_stride;
     B gw_q = B::load(gwp);
     gw_q.add_product(acc, x_q);
@@ -519,11 +521,11 @@ void backward_kernel(const scalar_t* grad_out, const RadialSource<scalar_t>& rad
       for (int64_t k = 0; k < K; ++k) {
         const int64_t e = r * K + k;
         scalar_t* gw_e = spline ? nullptr : grad_W + e * P * C;
-        scalar_t* gx_e = grad_x_edge + e * D_in * C;
+        scalar_t* gx_e = grad_x_edge != nullptr ? grad_x_edge + e * D_in * C : nullptr;
         scalar_t* gy_e = grad_Y + e * S;
         // outputs are uninitialised buffers: zero this edge's rows here, while they are in cache
         if (gw_e != nullptr) std::fill(gw_e, gw_e + P * C, scalar_t(0));
-        std::fill(gx_e, gx_e + D_in * C, scalar_t(0));
+        if (gx_e != nullptr) std::fill(gx_e, gx_e + D_in * C, scalar_t(0));
         std::fill(gy_e, gy_e + S, scalar_t(0));
         scalar_t du = 0;
         if (active[e]) {
@@ -602,14 +604,16 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
   const int64_t n_recv = grad_out.size(0), D_out = grad_out.size(1);
   const int64_t E = Y.size(0), S = Y.size(1), D_in = x.size(1);
   const bool spline = !W.defined();
+  const bool need_x = grad_x_buffer.numel() > 0;  // an empty buffer: dL/dx is not wanted (returned empty)
   TORCH_CHECK(grad_Y_buffer.is_contiguous() && grad_x_buffer.is_contiguous() && grad_Y_buffer.numel() >= E * S &&
-              grad_x_buffer.numel() >= E * D_in * C && grad_Y_buffer.scalar_type() == x.scalar_type() &&
+              (!need_x || grad_x_buffer.numel() >= E * D_in * C) && grad_Y_buffer.scalar_type() == x.scalar_type() &&
               grad_x_buffer.scalar_type() == x.scalar_type() &&
               (spline || (grad_W_buffer.is_contiguous() && grad_W_buffer.numel() >= E * P * C &&
                           grad_W_buffer.scalar_type() == x.scalar_type())),
               "gradient buffers too small or of the wrong dtype");
   auto grad_Y = grad_Y_buffer.view(-1).narrow(0, 0, E * S).view({E, S});
-  auto grad_x_edge = grad_x_buffer.view(-1).narrow(0, 0, E * D_in * C).view({E, D_in, C});
+  auto grad_x_edge = need_x ? grad_x_buffer.view(-1).narrow(0, 0, E * D_in * C).view({E, D_in, C})
+                            : grad_x_buffer.view(-1).narrow(0, 0, 0);
   torch::Tensor grad_radial = spline ? torch::empty({E}, x.options())
                                      : grad_W_buffer.view(-1).narrow(0, 0, E * P * C).view({E, P, C});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convolution_backward", [&] {
@@ -630,7 +634,8 @@ std::vector<torch::Tensor> backward_impl(torch::Tensor grad_out, const torch::Te
                               sender.data_ptr<int64_t>(), active.data_ptr<bool>(),
                               spline ? nullptr : grad_radial.data_ptr<scalar_t>(),
                               spline ? grad_radial.data_ptr<scalar_t>() : nullptr, grad_Y.data_ptr<scalar_t>(),
-                              grad_x_edge.data_ptr<scalar_t>(), n_recv, E / n_recv, P, S, D_in, D_out, C, coupling);
+                              need_x ? grad_x_edge.data_ptr<scalar_t>() : nullptr, n_recv, E / n_recv, P, S, D_in,
+                              D_out, C, coupling);
   });
   return {grad_radial, grad_Y, grad_x_edge};
 }
@@ -661,7 +666,8 @@ torch::Tensor convolution_forward(torch::Tensor W, torch::Tensor Y, torch::Tenso
 }
 
 // Returns (grad_W [E, P, C], grad_Y [E, S], grad_x per edge [E, D_in, C]: to be index_add-ed onto the senders).
-// grad_W, grad_Y and grad_x_edge are output buffers (any contents) of at least E rows, reused between chunks.
+// grad_W, grad_Y and grad_x_edge are output buffers (any contents) of at least E rows, reused between chunks; an
+// empty grad_x buffer skips dL/dx (an empty grad_x is returned).
 std::vector<torch::Tensor> convolution_backward(torch::Tensor grad_out, torch::Tensor W, torch::Tensor Y,
                                                 torch::Tensor x, torch::Tensor sender, torch::Tensor active,
                                                 torch::Tensor pa, torch::Tensor pairs, torch::Tensor terms,
