@@ -249,7 +249,8 @@ def _monomials_by_torch(a, singles, pairs, triple_pair, triple_single):
 @pytest.mark.parametrize("channels", [16, 80, 200])
 def test_symmetric_contraction_kernel_in_channel_blocks(channels: int, dtype: torch.dtype) -> None:
     """The forward kernel runs per block of 256 bytes of channels (64 float32, 32 float64) plus a remainder: every
-    split gives B[i, m, c] = sum_q V[group_i, q, m, c] P[i, q, c], and the backward kernel its gradient."""
+    split gives B[i, m, c] = sum_q V[group_i, q, m, c] P[i, q, c], and the backward kernel (several nodes of one
+    element at a time) its gradient."""
     kernel = fused.load_kernel()[0]
     generator = torch.Generator().manual_seed(channels)
     n_nodes, dim, outputs = 37, 16, 3
@@ -259,8 +260,10 @@ def test_symmetric_contraction_kernel_in_channel_blocks(channels: int, dtype: to
     triple_single = torch.randint(0, dim, (41,), generator=generator)
     tables = (singles, pairs, triple_pair, triple_single)
     a = torch.randn(n_nodes, dim, channels, generator=generator, dtype=dtype)
-    folded = torch.randn(2, 9 + 23 + 41, outputs, channels, generator=generator, dtype=dtype)
-    group = (torch.arange(n_nodes) >= 20).long()  # two elements, nodes grouped as the model sorts them
+    folded = torch.randn(3, 9 + 23 + 41, outputs, channels, generator=generator, dtype=dtype)
+    # three elements, nodes grouped as the model sorts them; the backward kernel takes up to 4 nodes of one element
+    # at a time, and these runs (13, 2, 22) end inside its groups
+    group = torch.tensor([0] * 13 + [1] * 2 + [2] * 22)
     x = a.clone().requires_grad_(True)
     expected = torch.einsum("nqmc,nqc->nmc", folded[group], _monomials_by_torch(x, *tables))
     grad_b = torch.randn(n_nodes, outputs, channels, generator=generator, dtype=dtype)

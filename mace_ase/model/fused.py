@@ -810,12 +810,15 @@ def fused_symmetric_contractions(product: Any, a: Tensor, species_counts: List[i
 # time.
 
 
-def _run_terms(x: Tensor, terms: List["Term"], out_components: int, channels_out: int, transpose: bool) -> Tensor:
+Term = Tuple[int, int, int, int, int, Tensor]  # (first row, rows, first input component, first output one, 2l+1, W)
+
+
+def _run_terms(x: Tensor, terms: List[Term], out_components: int, channels_out: int, transpose: bool) -> Tensor:
     """``out[r0:r0+n, o:o+d, :] (+)= x[r0:r0+n, i:i+d, :] @ W`` for each term ``(r0, n, i, o, d, W)`` (``W.T`` and
     the roles of ``i`` and ``o`` swapped when ``transpose``: the backward pass); output rows that no term writes are
     zero."""
     out = x.new_empty(x.shape[0], out_components, channels_out)
-    written: dict = {}
+    written = set()
     for row, count, first_in, first_out, dim, weight in terms:
         if transpose:
             first_in, first_out, weight = first_out, first_in, weight.t()
@@ -826,7 +829,8 @@ def _run_terms(x: Tensor, terms: List["Term"], out_components: int, channels_out
             target.baddbmm_(source, matrices)
         else:
             torch.bmm(source, matrices, out=target)
-            written[(row, first_out)] = True
+            written.add((row, first_out))
+    # the terms' row blocks cover all rows (all of them, or one block per element present)
     blocks = sorted({(row, count) for row, count, *_ in terms}) or [(0, x.shape[0])]
     for row, count in blocks:
         covered = [False] * out_components
@@ -869,15 +873,13 @@ class _ComponentLinear(torch.autograd.Function):
         return grad_x, None, None, None, None, grad_divisor
 
 
-Term = Tuple[int, int, int, int, int, Tensor]  # (first row, rows, first input component, first output one, 2l+1, W)
-
-
 def component_linear(x: Tensor, terms: List[Term], out_components: int, channels_out: int,
                      divisor: Optional[Tensor] = None) -> Tensor:
     """``[N, out_components, channels_out]``: ``out[r0:r0+n, o:o+d, :] = sum x[r0:r0+n, i:i+d, :] @ W`` over the terms
     ``(r0, n, i, o, d, W)`` that write it (zero where none does), divided row-wise by ``divisor`` (``[N]`` or
-    ``[1]``) when given; differentiable in ``x`` and ``divisor``. The reference linears' sums, without their
-    copies."""
+    ``[1]``) when given; differentiable in ``x`` and ``divisor``. The reference linears' maps without their copies
+    (where an output irrep reads several input slots, their products are summed term by term: the last bits of a
+    float sum may differ from the reference's one stacked GEMM)."""
     return _ComponentLinear.apply(x.contiguous(), terms, out_components, channels_out, False, divisor)
 
 

@@ -114,9 +114,28 @@ void forward_kernel(const Monomials& t, const torch::Tensor& A, const torch::Ten
   });
 }
 
-// Backward, per node over all C channels: dL/dP[q] = sum_m V[q, m] dL/dB[m], then the chain rule through the
-// monomials. (Channel blocks as in the forward pass were measured 1.3-1.7x slower here: the chain rule's many short
-// monomial rows then cost more loop overhead than V's traffic saves; and so was summing over m in registers.)
+// Backward: dL/dP[q] = sum_m V[q, m] dL/dB[m], then the chain rule through the monomials, for up to kNodes nodes of
+// one element at a time: each row V[q] (M x C) is read once for all of them and then stays in L1, where one node at
+// a time read the whole V[z] (620 kB in float32 for MP-0 medium's 1o output: beyond a Zen 3 core's L2) per node.
+// Monomials are walked backwards (triples, pairs, singles), so that only the pairs' gradients need a buffer (each
+// triple's dL/dP is used once, at once) and the pairs' are complete before they are used. The sums run in the same
+// order as the one-node loop (dL/dP over m; every gradient row in triple, pair, single order): the same bits.
+// (Channel blocks as in the forward pass were measured 1.3-1.7x slower here: the chain rule's many short monomial
+// rows then cost more loop overhead than V's traffic saves.)
+// g[c] = sum_m vq[m, c] gb[m, c] (summed over m in order, each pass vectorised over the channels)
+template <typename scalar_t>
+inline void monomial_grad(const scalar_t* vq, const scalar_t* gb, scalar_t* g, int64_t M, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) g[c] = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const scalar_t* v = vq + m * C;
+    const scalar_t* b = gb + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) g[c] += v[c] * b[c];
+  }
+}
+
+constexpr int64_t kNodes = 4;
 
 template <typename scalar_t>
 void backward_kernel(const Monomials& t, const torch::Tensor& grad_B, const torch::Tensor& A,
@@ -127,57 +146,78 @@ void backward_kernel(const Monomials& t, const torch::Tensor& grad_B, const torc
   const scalar_t* gb_ptr = grad_B.data_ptr<scalar_t>();
   const int64_t* g_ptr = group.data_ptr<int64_t>();
   scalar_t* ga_ptr = grad_A.data_ptr<scalar_t>();
+  const int64_t n1 = t.n1, n2 = t.n2, n3 = t.n3;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p(Q * C), gp(Q * C);
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* a = a_ptr + i * D * C;
-      make_monomials<scalar_t, 0>(t, a, p.data(), C, C);
+    // per node of the group: its pair monomials and their gradients
+    std::vector<scalar_t> pair_values(kNodes * n2 * C), pair_grads(kNodes * n2 * C), g(C);
+    for (int64_t i = begin; i < end;) {
+      int64_t k = 1;
+      while (k < kNodes && i + k < end && g_ptr[i + k] == g_ptr[i]) ++k;
       const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C;
-      const scalar_t* gb = gb_ptr + i * M * C;
-      for (int64_t q = 0; q < Q; ++q) {
-        scalar_t* g = gp.data() + q * C;
-        for (int64_t c = 0; c < C; ++c) g[c] = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          const scalar_t* vq = v + (q * M + m) * C;
-          const scalar_t* gm = gb + m * C;
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t* a = a_ptr + (i + j) * D * C;
+        for (int64_t q = 0; q < n2; ++q) {
+          const scalar_t* x = a + t.pair_a[q] * C;
+          const scalar_t* y = a + t.pair_b[q] * C;
+          scalar_t* o = pair_values.data() + (j * n2 + q) * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) g[c] += vq[c] * gm[c];
+          for (int64_t c = 0; c < C; ++c) o[c] = x[c] * y[c];
+        }
+        scalar_t* ga = ga_ptr + (i + j) * D * C;
+        for (int64_t c = 0; c < D * C; ++c) ga[c] = 0;
+      }
+      // the pairs' dL/dP from V
+      for (int64_t q = 0; q < n2; ++q) {
+        const scalar_t* vq = v + (n1 + q) * M * C;
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* gb = gb_ptr + (i + j) * M * C;
+          monomial_grad(vq, gb, pair_grads.data() + (j * n2 + q) * C, M, C);
         }
       }
-      scalar_t* ga = ga_ptr + i * D * C;
-      for (int64_t k = 0; k < D * C; ++k) ga[k] = 0;
-      const scalar_t* pairs_v = p.data() + t.n1 * C;
-      scalar_t* g_pairs = gp.data() + t.n1 * C;
-      const scalar_t* g_triples = g_pairs + t.n2 * C;
-      for (int64_t q = 0; q < t.n3; ++q) {  // triples: pair * single
-        const scalar_t* gq = g_triples + q * C;
-        const scalar_t* pv = pairs_v + t.triple_pair[q] * C;
-        scalar_t* gpair = g_pairs + t.triple_pair[q] * C;
-        const scalar_t* s = a + t.triple_single[q] * C;
-        scalar_t* gs = ga + t.triple_single[q] * C;
+      // triples (pair x single): their dL/dP, at once into the single's and the pair's gradients
+      for (int64_t q = 0; q < n3; ++q) {
+        const scalar_t* vq = v + (n1 + n2 + q) * M * C;
+        const int64_t pair = t.triple_pair[q], single = t.triple_single[q];
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* gb = gb_ptr + (i + j) * M * C;
+          const scalar_t* pv = pair_values.data() + (j * n2 + pair) * C;
+          scalar_t* gpair = pair_grads.data() + (j * n2 + pair) * C;
+          const scalar_t* s = a_ptr + (i + j) * D * C + single * C;
+          scalar_t* gs = ga_ptr + (i + j) * D * C + single * C;
+          monomial_grad(vq, gb, g.data(), M, C);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          gs[c] += gq[c] * pv[c];
-          gpair[c] += gq[c] * s[c];
+          for (int64_t c = 0; c < C; ++c) {
+            gs[c] += g[c] * pv[c];
+            gpair[c] += g[c] * s[c];
+          }
         }
       }
-      for (int64_t q = 0; q < t.n2; ++q) {  // pairs: x * y
-        const scalar_t* gq = g_pairs + q * C;
-        const scalar_t* x = a + t.pair_a[q] * C;
-        const scalar_t* y = a + t.pair_b[q] * C;
-        scalar_t* gx = ga + t.pair_a[q] * C;
-        scalar_t* gy = ga + t.pair_b[q] * C;
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t* a = a_ptr + (i + j) * D * C;
+        scalar_t* ga = ga_ptr + (i + j) * D * C;
+        for (int64_t q = 0; q < n2; ++q) {  // pairs: x * y
+          const scalar_t* gq = pair_grads.data() + (j * n2 + q) * C;
+          const scalar_t* x = a + t.pair_a[q] * C;
+          const scalar_t* y = a + t.pair_b[q] * C;
+          scalar_t* gx = ga + t.pair_a[q] * C;
+          scalar_t* gy = ga + t.pair_b[q] * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gx[c] += gq[c] * y[c];
+          for (int64_t c = 0; c < C; ++c) gx[c] += gq[c] * y[c];
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gy[c] += gq[c] * x[c];
+          for (int64_t c = 0; c < C; ++c) gy[c] += gq[c] * x[c];
+        }
       }
-      for (int64_t q = 0; q < t.n1; ++q) {
-        const scalar_t* gq = gp.data() + q * C;
-        scalar_t* gx = ga + t.singles[q] * C;
+      for (int64_t q = 0; q < n1; ++q) {  // singles
+        const scalar_t* vq = v + q * M * C;
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* gb = gb_ptr + (i + j) * M * C;
+          scalar_t* gx = ga_ptr + (i + j) * D * C + t.singles[q] * C;
+          monomial_grad(vq, gb, g.data(), M, C);
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gx[c] += gq[c];
+          for (int64_t c = 0; c < C; ++c) gx[c] += g[c];
+        }
       }
+      i += k;
     }
   });
 }
