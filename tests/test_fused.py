@@ -19,6 +19,13 @@ from mace_ase.model.build import load_model
 MODELS = ["mp0a_medium", "mpa0_density", "mp0b_agnesi_zbl", "mp0a_l2", "off_like", "plain_mace", "multihead"]
 
 
+@pytest.fixture(autouse=True)
+def _component_linears_at_any_size(monkeypatch):
+    """The test graphs are small: run the fast path's per-node linears (fused.component_linear) on them too, not
+    the reference linears that it uses below COMPONENT_LINEAR_MIN_NODES nodes."""
+    monkeypatch.setattr(fused, "COMPONENT_LINEAR_MIN_NODES", 0)
+
+
 def _graph(model, n_atoms: int = 24, seed: int = 1):
     """A random cluster (some atoms farther than r_max apart), both edge directions, irregular neighbour counts."""
     generator = torch.Generator().manual_seed(seed)
@@ -476,3 +483,20 @@ def test_backward_work_buffers_are_reused_and_first_layer_senders_skipped(radial
     sender_buffers = [shape for name, shape in taken if name == "grad_x"]
     assert sender_buffers[-1] == (0,)  # the last backward pass is the first layer's
     assert all(shape != (0,) for shape in sender_buffers[:-1]) and len(sender_buffers) == len(model.interactions)
+
+
+def test_few_nodes_take_the_reference_linears(monkeypatch) -> None:
+    """Below COMPONENT_LINEAR_MIN_NODES nodes the fast path's linears are the reference's own (the same bits)."""
+    model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", fused=False)
+    linear = model.interactions[1].linear
+    x = torch.randn(3, int(linear.gather.shape[0]), model.interactions[1].linear_up.weights[0].shape[1],
+                    dtype=torch.float64)
+    divisor = 1.0 + torch.rand(3, dtype=torch.float64)
+    linear.fused = True
+    calls = []
+    monkeypatch.setattr(fused, "component_linear", lambda *args: calls.append(args) or 0)
+    monkeypatch.setattr(fused, "COMPONENT_LINEAR_MIN_NODES", 4)
+    assert torch.equal(linear(x, divisor), linear.reference_forward(x, divisor)) and not calls
+    monkeypatch.setattr(fused, "COMPONENT_LINEAR_MIN_NODES", 3)
+    linear(x, divisor)
+    assert calls

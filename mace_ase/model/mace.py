@@ -148,6 +148,11 @@ class EquivariantLinear(nn.Module):
         """``[N, D_out, C_out]``; divided row by row by ``divisor`` (``[N]`` or ``[1]``) when given."""
         if self.fused and self.identity_gather and self.gather.shape[0] == x.shape[1] and not torch.jit.is_scripting():
             return self.fused_forward(x, divisor)
+        return self.reference_forward(x, divisor)
+
+    def reference_forward(self, x: Tensor, divisor: Optional[Tensor] = None) -> Tensor:
+        """:meth:`forward` by gathering each output irrep's input components into one matrix (a copy) for one GEMM
+        (the reference path, and the fast path's for a few nodes, where one GEMM beats a product per component)."""
         n = x.shape[0]
         channels_in = x.shape[2]
         outputs: List[Tensor] = []
@@ -173,8 +178,10 @@ class EquivariantLinear(nn.Module):
     def fused_forward(self, x: Tensor, divisor: Optional[Tensor]) -> Tensor:
         """The same maps as :meth:`forward` (identity gather), without its copies: see
         :func:`mace_ase.model.fused.component_linear`."""
-        from mace_ase.model.fused import component_linear
+        from mace_ase.model.fused import COMPONENT_LINEAR_MIN_NODES, component_linear
 
+        if x.shape[0] < COMPONENT_LINEAR_MIN_NODES:
+            return self.reference_forward(x, divisor)
         terms = []
         out_start = 0
         for index, weight in enumerate(self.weights):
@@ -205,6 +212,11 @@ class SpeciesLinear(nn.Module):
     def forward(self, x: Tensor, species_counts: List[int]) -> Tensor:
         if self.fused and not torch.jit.is_scripting():
             return self.fused_forward(x, species_counts)
+        return self.reference_forward(x, species_counts)
+
+    def reference_forward(self, x: Tensor, species_counts: List[int]) -> Tensor:
+        """:meth:`forward` by one GEMM per element and output slot on a gathered copy, then concatenation (the
+        reference path, and the fast path's for a few nodes)."""
         channels_out = self.weight.shape[3]
         pieces: List[Tensor] = []
         start = 0
@@ -225,8 +237,10 @@ class SpeciesLinear(nn.Module):
     @torch.jit.unused
     def fused_forward(self, x: Tensor, species_counts: List[int]) -> Tensor:
         """The same maps as :meth:`forward`, without its copies: see :func:`mace_ase.model.fused.component_linear`."""
-        from mace_ase.model.fused import component_linear
+        from mace_ase.model.fused import COMPONENT_LINEAR_MIN_NODES, component_linear
 
+        if x.shape[0] < COMPONENT_LINEAR_MIN_NODES:
+            return self.reference_forward(x, species_counts)
         terms = []
         start = 0
         for element, count in enumerate(species_counts):
