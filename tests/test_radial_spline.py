@@ -276,3 +276,43 @@ def test_table_knots_hold_the_exact_function_and_its_derivatives(name: str, enve
             (curvature,) = torch.autograd.grad(slope.sum(), x, retain_graph=True)
             for got, want in zip(jet[:, :, column].T, (weights[:, column], slope, curvature)):
                 assert torch.allclose(got, want.detach(), rtol=1e-11, atol=1e-12 * float(want.detach().abs().max()))
+
+
+@pytest.mark.parametrize("envelope_in_features", [True, False])
+def test_density_tables_hold_the_exact_density_and_its_derivatives(envelope_in_features: bool) -> None:
+    """Density interactions' edge terms tanh((R(r) . w)^2) [* envelope] are tabulated with the radial weights (no
+    call then needs the Bessel features): their jets against autograd of the model's own code, and the table's
+    values against it between the knots, exactly zero for inactive edges."""
+    model = load_model(fixture_model("mpa0_density"), device="cpu", dtype="float64", radial="exact")
+    model.radial.apply_cutoff = envelope_in_features
+    for interaction in model.interactions:
+        interaction.apply_cutoff = envelope_in_features
+    spline = radial_spline.RadialSpline(model)
+    assert spline.density_layers == [i for i, t in enumerate(model.interactions) if t.use_density]
+    assert spline.density_layers  # the fixture has density interactions
+    z_a, z_b = (int(z) for z in model.atomic_numbers[:2])
+    r = torch.linspace(0.3, 0.97 * model.r_max_value, 9, dtype=torch.float64)
+    jet = spline._jets(r, z_a, z_b, 2)[-1]  # [9, 3, n_density]
+    z_s, z_r = torch.full((9,), z_a), torch.full((9,), z_b)
+    x = r.clone().requires_grad_(True)
+    feats, envelope = model.radial(x.unsqueeze(-1), z_s, z_r)
+    for column, layer in enumerate(spline.density_layers):
+        density = torch.tanh((feats @ model.interactions[layer].density_weight) ** 2).view(-1)
+        density = density if envelope_in_features else density * envelope.view(-1)
+        (slope,) = torch.autograd.grad(density.sum(), x, create_graph=True, retain_graph=True)
+        (curvature,) = torch.autograd.grad(slope.sum(), x, retain_graph=True)
+        for got, want in zip(jet[:, :, column].T, (density, slope, curvature)):
+            assert torch.allclose(got, want.detach(), rtol=1e-11, atol=1e-12 * float(want.detach().abs().max()))
+    # the tables between the knots, through the model's own lookup (padding rows: beyond r_max)
+    lengths = torch.cat([0.5 + torch.rand(200, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) *
+                         (model.r_max_value - 0.5), torch.tensor([2 * model.r_max_value + 10.0], dtype=torch.float64)])
+    z_s, z_r = torch.full_like(lengths, z_a, dtype=torch.int64), torch.full_like(lengths, z_b, dtype=torch.int64)
+    u, interval = spline.coordinates(lengths, z_s, z_r)
+    feats, envelope = model.radial(lengths.unsqueeze(-1), z_s, z_r)
+    model.radial_spline = spline
+    tabulated = model.spline_densities(u, interval, envelope)
+    for column, layer in enumerate(spline.density_layers):
+        exact = torch.tanh((feats @ model.interactions[layer].density_weight) ** 2)
+        exact = exact if envelope_in_features else exact * envelope
+        assert torch.allclose(tabulated[:, column:column + 1], exact, rtol=0, atol=1e-9)
+        assert float(exact.abs().max()) > 1e-3 and float(tabulated[-1, column]) == 0.0

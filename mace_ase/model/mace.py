@@ -510,16 +510,20 @@ class Interaction(nn.Module):
             return self.fused_convolution(senders, n_receivers, sh, edge_feats, envelope, sender, radial_rows)
         return self.convolution(senders.index_select(0, sender), sh, edge_feats, envelope, n_receivers)
 
-    def message(self, convolved: Tensor, edge_feats: Tensor, envelope: Tensor, species_counts: List[int]) -> Tensor:
+    def message(self, convolved: Tensor, edge_feats: Tensor, envelope: Tensor, species_counts: List[int],
+                edge_density: Optional[Tensor] = None) -> Tensor:
         """Per-node work after it (eq. 9): linear, normalisation, and the per-element map of non-residual blocks.
 
         ``convolved`` may be any contiguous run of receivers; ``edge_feats``/``envelope`` are then their edge rows.
+        ``edge_density`` (density interactions, tabulated radial functions): each edge's term of the density,
+        ``[N*K, 1]``, instead of computing it from ``edge_feats``.
         """
         n_nodes = convolved.shape[0]
         if self.use_density:
-            edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [N*K, 1]
-            if not self.apply_cutoff:
-                edge_density = edge_density * envelope
+            if edge_density is None:
+                edge_density = torch.tanh((edge_feats @ self.density_weight) ** 2)  # [N*K, 1]
+                if not self.apply_cutoff:
+                    edge_density = edge_density * envelope
             norm = edge_density.view(n_nodes, -1).sum(dim=1) + 1.0
         else:
             norm = torch.full((1,), self.avg_num_neighbors, dtype=convolved.dtype, device=convolved.device)
@@ -745,10 +749,14 @@ class MACE(nn.Module):
         radial_rows: Optional[List[Tensor]] = None
         if not torch.jit.is_scripting():
             radial_rows = self.spline_rows(lengths, z_sender, z_receiver)
-        if radial_rows is not None and not self.density_normalised():
-            # the tables hold the radial weights: only the envelope (which edges are active) is still needed
+        edge_densities: Optional[Tensor] = None  # density interactions' edge terms, tabulated: [N*K, n_density]
+        if radial_rows is not None:
+            # the tables hold the radial weights and densities: only the envelope (which edges are active) is needed
             envelope = polynomial_envelope(lengths, self.radial.r_max, self.radial.p)
             edge_feats = lengths.new_zeros(lengths.shape[0], 0)
+            if not torch.jit.is_scripting():  # (scripted code never has tables)
+                if self.density_normalised():
+                    edge_densities = self.spline_densities(radial_rows[0], radial_rows[1], envelope)
         else:
             edge_feats, envelope = self.radial(lengths, z_sender, z_receiver)  # [N*K, n_basis], [N*K, 1]
         if radial_rows is None and not torch.jit.is_scripting():
@@ -773,8 +781,12 @@ class MACE(nn.Module):
         else:
             for _ in blocks:
                 rows_blocks.append(None)
+        density_blocks: List[Tensor] = []
+        if edge_densities is not None:
+            density_blocks = edge_densities.split(edge_sizes)
         h_blocks = self.embedding[species].unsqueeze(1).split(sizes)  # [n_b, 1, C]: layer-0 features are scalars
         features: List[List[Tensor]] = []
+        density_column = 0  # the tables' column of the next density interaction
         for interaction, product in zip(self.interactions, self.products):
             inputs = [interaction.node_inputs(h, counts) for h, counts in zip(h_blocks, blocks)]
             senders = interaction.senders(_join([h_up for h_up, _ in inputs]), radial_rows)
@@ -782,8 +794,13 @@ class MACE(nn.Module):
             for b, counts in enumerate(blocks):
                 convolved = interaction.neighbour_sum(senders, sizes[b], sh_blocks[b], feats_blocks[b],
                                                       envelope_blocks[b], sender_blocks[b], rows_blocks[b])
-                message = interaction.message(convolved, feats_blocks[b], envelope_blocks[b], counts)
+                edge_density: Optional[Tensor] = None
+                if len(density_blocks) > 0 and interaction.use_density:
+                    edge_density = density_blocks[b].narrow(1, density_column, 1)
+                message = interaction.message(convolved, feats_blocks[b], envelope_blocks[b], counts, edge_density)
                 new_blocks.append(product(message, inputs[b][1], counts))
+            if interaction.use_density:
+                density_column += 1
             h_blocks = new_blocks
             features.append(h_blocks)
         return features
@@ -806,6 +823,16 @@ class MACE(nn.Module):
         if self.use_radial_spline:
             return self.radial_spline.rows(lengths, z_sender, z_receiver)  # type: ignore[union-attr]
         return None
+
+    @torch.jit.unused
+    def spline_densities(self, u: Tensor, interval: Tensor, envelope: Tensor) -> Tensor:
+        """Each edge's density term of every density interaction, ``[N*K, n_density]``, from the spline tables at
+        the edges' :meth:`spline_rows` (:meth:`~mace_ase.model.radial_spline.RadialSpline.densities`); exactly zero
+        where the envelope is (padding, r >= r_max: their table rows are arbitrary)."""
+        active = envelope != 0  # [N*K, 1]
+        u = torch.where(active, u, torch.zeros_like(u))  # finite polynomials everywhere
+        densities = self.radial_spline.densities(u, interval)
+        return torch.where(active, densities, torch.zeros_like(densities))
 
     @torch.jit.unused
     def distinct_rows(self, lengths: Tensor, z_sender: Tensor, z_receiver: Tensor, envelope: Tensor

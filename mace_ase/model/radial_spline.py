@@ -6,7 +6,9 @@ the unordered element pair, through the pair's mean covalent radius r0):
     W_t(r) = MLP_t(R(r)) [* envelope(r)]        ``[P * C]`` values per edge (R: Bessel basis x cutoff, Eq. 8 of
                                                  the MACE paper)
 
-Evaluated per (distinct) edge, the MLP is most of the cost of a call. Here ``W_t`` is tabulated once over
+and, for "density" interactions (MPA-0), each edge's term of the learned neighbour density,
+``tanh((R(r) . w_t)^2) [* envelope(r)]``, in one more table (:meth:`RadialSpline.densities`), so that a call with
+tables needs no radial basis at all. Evaluated per (distinct) edge, the MLP is most of the cost of a call. Here ``W_t`` is tabulated once over
 ``[0, r_max]`` from its exact values, slopes and curvatures at the knots (float64; the basis's closed-form slopes,
 then the chain rule through each linear map and SiLU of the MLP: :meth:`RadialSpline._jets`) as the piecewise
 quintic Hermite interpolant (:data:`DEGREE`; a
@@ -102,6 +104,12 @@ class RadialSpline:
         self._radial = copy.deepcopy(model.radial).to(device="cpu", dtype=torch.float64)
         self._mlps = [copy.deepcopy(t.radial_mlp).to(device="cpu", dtype=torch.float64) for t in model.interactions]
         self._envelope_outside = [not t.apply_cutoff for t in model.interactions]
+        # "Density" interactions divide their messages by 1 + sum_j tanh((R(r_ij) . w)^2) [* envelope]: a function of
+        # r (and the pair) as well, tabulated alongside (one column per such interaction), so that no call needs the
+        # Bessel features R at all
+        self.density_layers = [i for i, t in enumerate(model.interactions) if t.use_density]
+        self._density_weights = [model.interactions[i].density_weight.detach().to("cpu", torch.float64).clone()
+                                 for i in self.density_layers]
         self.slots: Dict[Tuple[int, int], int] = {}  # (Z_a <= Z_b), or (0, 0) when W does not depend on elements
         self.intervals: List[int] = []  # per slot
         self.errors: List[float] = []  # per slot: reached max interpolation error (relative)
@@ -112,6 +120,9 @@ class RadialSpline:
         self.tables: List[Tensor] = [torch.empty(0, self.degree + 1, m.weights[-1].shape[1], dtype=self.dtype,
                                                  device=self.device)
                                      for m in self._mlps]  # per interaction: [rows of all slots, degree + 1, P*C]
+        # [rows, degree + 1, len(density_layers)]: each density interaction's edge density (see densities)
+        self.density_table = torch.empty(0, self.degree + 1, len(self.density_layers), dtype=self.dtype,
+                                         device=self.device)
         # Lookup: slot s's knots shifted by s * (r_max + 1) Å, concatenated: one sorted array for all slots.
         self._keys = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._start = torch.zeros(0, dtype=torch.float64, device=self.device)  # per row: first r of the interval
@@ -133,7 +144,8 @@ class RadialSpline:
 
     def _jets(self, r: Tensor, z_a: int, z_b: int, order: int) -> List[Tensor]:
         """Per interaction, ``[n, order + 1, P*C]``: W_t(r) and its first ``order`` (1 or 2) derivatives in r,
-        float64, at the lengths ``r`` ``[n]`` (Å) of one element pair.
+        float64, at the lengths ``r`` ``[n]`` (Å) of one element pair; then, if the model has density
+        interactions, one more ``[n, order + 1, len(density_layers)]``: their edge densities (:meth:`densities`).
 
         The basis and envelope with their closed-form slopes (``RadialEmbedding.r_derivatives``), their curvatures
         by reverse-mode autograd of those slopes, then the chain rule through the MLP layer by layer (each linear
@@ -163,6 +175,14 @@ class RadialSpline:
             if outside:  # W = MLP * envelope: Leibniz's rule
                 jet = _product_jet(jet, envelope_jet)
             out.append(torch.stack(jet, dim=1))
+        if self.density_layers:
+            columns = []
+            for layer, weight in zip(self.density_layers, self._density_weights):
+                jet = _tanh_of_square_jet([b[:, :-1] @ weight for b in basis])  # s = R . w, linear in R
+                if self._envelope_outside[layer]:
+                    jet = _product_jet(jet, envelope_jet)
+                columns.append(torch.stack(jet, dim=1))  # [n, order + 1, 1]
+            out.append(torch.cat(columns, dim=2))
         return out
 
     def _fit(self, z_a: int, z_b: int) -> Tuple[Tensor, List[Tensor], float]:
@@ -249,6 +269,8 @@ class RadialSpline:
         self._last = torch.cat([self._last, torch.tensor([first + n - 1], device=device)])
         self.tables = [torch.cat([old, new.to(device=device, dtype=self.dtype)]).contiguous()
                        for old, new in zip(self.tables, tables)]
+        if self.density_layers:
+            self.density_table = torch.cat([self.density_table, tables[-1].to(device=device, dtype=self.dtype)])
         megabytes = sum(t.numel() * t.element_size() for t in tables) * (
             torch.finfo(self.dtype).bits / 64) / 2**20
         logger.info("mace-ase: radial spline %s: %d intervals (%.4f-%.3f Å wide), max relative error %.1e, %.1f MB",
@@ -270,7 +292,7 @@ class RadialSpline:
 
     def table_bytes(self) -> int:
         """Bytes held by the tables of all interactions."""
-        return sum(t.numel() * t.element_size() for t in self.tables)
+        return sum(t.numel() * t.element_size() for t in [*self.tables, self.density_table])
 
     def _slots(self, z_sender: Tensor, z_receiver: Tensor) -> Tensor:
         """Each edge's slot (table set), -1 where its element pair has none yet."""
@@ -329,6 +351,12 @@ class RadialSpline:
         in ``u`` (the kernel-free path; inactive edges must be masked by the caller)."""
         return polynomial(self.tables[layer].index_select(0, interval), u)  # from [E, degree + 1, P*C]
 
+    def densities(self, u: Tensor, interval: Tensor) -> Tensor:
+        """``[E, len(density_layers)]``: for edges at ``(u, interval)``, each density interaction's edge density
+        ``tanh((R(r) . w)^2)``, times the envelope where the interaction applies it outside the radial functions
+        (as :meth:`mace_ase.model.mace.Interaction.message` computes it), differentiable in ``u``."""
+        return polynomial(self.density_table.index_select(0, interval), u)
+
 
 def _hermite(width: Tensor, start: Tensor, end: Tensor) -> Tensor:
     """Coefficients ``[n, degree + 1, P*C]`` in u of the Hermite interpolant on each interval (``width`` ``[n, 1]``
@@ -359,6 +387,20 @@ def _silu_jet(jet: List[Tensor], scale: float) -> List[Tensor]:
     if len(jet) > 2:
         second = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
         out.append(scale * (second * jet[1] * jet[1] + first * jet[2]))
+    return out
+
+
+def _tanh_of_square_jet(jet: List[Tensor]) -> List[Tensor]:
+    """tanh(s^2) and its first one or two derivatives, from those of s (chain rule): with q = s^2, t = tanh(q),
+    f' = (1 - t^2) q', f'' = (1 - t^2) (q'' - 2 t q'^2), q' = 2 s s', q'' = 2 (s'^2 + s s'')."""
+    s = jet[0]
+    t = torch.tanh(s * s)
+    slope = 1.0 - t * t
+    q1 = 2.0 * s * jet[1]
+    out = [t, slope * q1]
+    if len(jet) > 2:
+        q2 = 2.0 * (jet[1] * jet[1] + s * jet[2])
+        out.append(slope * (q2 - 2.0 * t * q1 * q1))
     return out
 
 
