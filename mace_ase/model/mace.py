@@ -844,8 +844,8 @@ class MACE(nn.Module):
         return distinct_radial_rows(self, lengths, z_sender, z_receiver, envelope)
 
     def density_normalised(self) -> bool:
-        """Whether an interaction divides its messages by the learned neighbour density (which reads the radial
-        basis itself)."""
+        """Whether an interaction divides its messages by the learned neighbour density (a function of the radial
+        basis: computed from it, or read from the spline tables)."""
         for interaction in self.interactions:
             if interaction.use_density:
                 return True
