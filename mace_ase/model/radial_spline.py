@@ -8,11 +8,12 @@ the unordered element pair, through the pair's mean covalent radius r0):
 
 and, for "density" interactions (MPA-0), each edge's term of the learned neighbour density,
 ``tanh((R(r) . w_t)^2) [* envelope(r)]``, in one more table (:meth:`RadialSpline.densities`), so that a call with
-tables needs no radial basis at all. Evaluated per (distinct) edge, the MLP is most of the cost of a call. Here ``W_t`` is tabulated once over
-``[0, r_max]`` from its exact values, slopes and curvatures at the knots (float64; the basis's closed-form slopes,
-then the chain rule through each linear map and SiLU of the MLP: :meth:`RadialSpline._jets`) as the piecewise
-quintic Hermite interpolant (:data:`DEGREE`; a
-cubic one, from values and slopes, is also implemented), evaluated per edge as a polynomial in the position
+tables needs no radial basis at all. Evaluated per (distinct) edge, the MLP is most of the cost of a call.
+
+Here ``W_t`` (and the densities) are tabulated once over ``[0, r_max]`` from their exact values, slopes and
+curvatures at the knots (float64; the basis's closed-form slopes, then the chain rule through each linear map and
+SiLU of the MLP: :meth:`RadialSpline._jets`) as the piecewise quintic Hermite interpolant (:data:`DEGREE`; a cubic
+one, from values and slopes, is also implemented), evaluated per edge as a polynomial in the position
 ``u = (r - r_k) / w_k`` inside its interval by Horner's rule (:func:`_hermite`, :func:`polynomial`).
 Its error falls as w^6 (values) and w^5 (slopes). Forces and stresses are the exact derivatives of this
 interpolated energy, so they stay conservative.
