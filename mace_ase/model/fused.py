@@ -54,6 +54,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import stat
@@ -556,9 +557,7 @@ class _Workspace(threading.local):
 
     def take(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialised ``[*shape]`` tensor of ``like``'s dtype and device (its contents are garbage)."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         key = (name, like.dtype, like.device)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
@@ -888,7 +887,7 @@ def component_linear(x: Tensor, terms: List[Term], out_components: int, channels
     ``[1]``) when given; differentiable in ``x`` and ``divisor``. The reference linears' maps without their copies
     (where an output irrep reads several input slots, their products are summed term by term: the last bits of a
     float sum may differ from the reference's one stacked GEMM)."""
-    return _ComponentLinear.apply(x.contiguous(), terms, out_components, channels_out, False, divisor)
+    return _ComponentLinear.apply(x, terms, out_components, channels_out, False, divisor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,18 @@ struct Monomials {
   const int64_t* triple_pair; const int64_t* triple_single; int64_t n3;
 };
 
+// The degree-2 monomials A_a A_b of one node for a channel block of width W, in pairs [n2, W].
+template <typename scalar_t>
+inline void make_pairs(const Monomials& t, const scalar_t* a, scalar_t* pairs, int64_t C, int64_t W) {
+  for (int64_t q = 0; q < t.n2; ++q) {
+    const scalar_t* x = a + t.pair_a[q] * C;
+    const scalar_t* y = a + t.pair_b[q] * C;
+    scalar_t* o = pairs + q * W;
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) o[c] = x[c] * y[c];
+  }
+}
+
 // The monomials of one node for the channel block [c0, c0 + W) (W = CB, or `width` when CB == 0), in p [Q, W].
 template <typename scalar_t, int CB>
 inline void make_monomials(const Monomials& t, const scalar_t* a, scalar_t* p, int64_t C, int64_t width) {
@@ -29,13 +41,7 @@ inline void make_monomials(const Monomials& t, const scalar_t* a, scalar_t* p, i
     for (int64_t c = 0; c < W; ++c) o[c] = x[c];
   }
   scalar_t* pairs = p + t.n1 * W;
-  for (int64_t q = 0; q < t.n2; ++q) {
-    const scalar_t* x = a + t.pair_a[q] * C;
-    const scalar_t* y = a + t.pair_b[q] * C;
-    scalar_t* o = pairs + q * W;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) o[c] = x[c] * y[c];
-  }
+  make_pairs(t, a, pairs, C, W);
   scalar_t* triples = pairs + t.n2 * W;
   for (int64_t q = 0; q < t.n3; ++q) {
     const scalar_t* x = pairs + t.triple_pair[q] * W;
@@ -155,14 +161,7 @@ void backward_kernel(const Monomials& t, const torch::Tensor& grad_B, const torc
       while (k < kNodes && i + k < end && g_ptr[i + k] == g_ptr[i]) ++k;
       const scalar_t* v = v_ptr + g_ptr[i] * Q * M * C;
       for (int64_t j = 0; j < k; ++j) {
-        const scalar_t* a = a_ptr + (i + j) * D * C;
-        for (int64_t q = 0; q < n2; ++q) {
-          const scalar_t* x = a + t.pair_a[q] * C;
-          const scalar_t* y = a + t.pair_b[q] * C;
-          scalar_t* o = pair_values.data() + (j * n2 + q) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] = x[c] * y[c];
-        }
+        make_pairs(t, a_ptr + (i + j) * D * C, pair_values.data() + j * n2 * C, C, C);
         scalar_t* ga = ga_ptr + (i + j) * D * C;
         for (int64_t c = 0; c < D * C; ++c) ga[c] = 0;
       }
